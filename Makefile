@@ -1,0 +1,35 @@
+# pyramidlab — `make train` trains the default experiment on the embedded dataset;
+# `make test` runs the test suite. Both create .venv on first use.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install train test lint clean distclean
+
+install: $(STAMP)
+
+# torch/torchvision are pinned first so pip never reaches for another (multi-GB) build.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+train: install
+	$(BIN)/pyramidlab-train experiment=shapes_retinanet $(ARGS)
+
+test: install
+	WANDB_MODE=offline WANDB_SILENT=true $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs outputs multirun .pytest_cache .ruff_cache wandb
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) data *.egg-info

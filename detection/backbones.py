@@ -1,0 +1,137 @@
+"""ResNet / ResNeXt backbone bodies for detection.
+
+The body returns the C2..C5 feature maps (``OrderedDict[str, Tensor]``, finest first,
+keys ``'0'..'3'`` like torchvision's ``IntermediateLayerGetter``) that a pyramid neck
+consumes. Random init by default; pretrained weights only from a local file.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import FrozenBatchNorm2d
+
+# Output channels of layer1..layer4 for each architecture.
+_ARCHS = {
+    "resnet18": (resnet.resnet18, (64, 128, 256, 512)),
+    "resnet34": (resnet.resnet34, (64, 128, 256, 512)),
+    "resnet50": (resnet.resnet50, (256, 512, 1024, 2048)),
+    "resnet101": (resnet.resnet101, (256, 512, 1024, 2048)),
+    "resnext101": (resnet.resnext101_32x8d, (256, 512, 1024, 2048)),
+    "resnext101_32x8d": (resnet.resnext101_32x8d, (256, 512, 1024, 2048)),
+}
+NORMS = ("bn", "frozen_bn")
+
+
+class ResNetBody(nn.Module):
+    """ResNet / ResNeXt body returning C2..C5 (or a subset) as an ordered dict.
+
+    Args:
+        arch: one of ``resnet18, resnet34, resnet50, resnet101, resnext101``.
+        return_layers: which of layer1..layer4 to return, as indices 1..4
+            (``[2, 3, 4]`` = C3..C5 for RetinaNet/FCOS; ``[1, 2, 3, 4]`` for R-CNNs).
+        frozen_stages: 0 = nothing frozen; 1 = stem + layer1 (MMDetection's
+            ``frozen_stages=1``, the papers' setting); k = stem + layer1..layerk.
+        norm: ``bn`` (trainable BatchNorm; SyncBN is applied by the trainer) or
+            ``frozen_bn`` (torchvision's FrozenBatchNorm2d: no parameters, fixed stats).
+        norm_eval: keep BatchNorm layers in eval mode while training (MMDetection's
+            ``norm_eval=True``: use running statistics, still learn the affine part).
+            Right for fine-tuning pretrained weights with small batches; wrong when
+            training from scratch, where BN must learn its statistics.
+        weights_path: optional local ``.pth`` state dict (torchvision layout). Never
+            downloaded: this framework runs without network access.
+
+    Example:
+        >>> body = ResNetBody("resnet18", return_layers=[2, 3, 4])
+        >>> [tuple(v.shape) for v in body(torch.rand(1, 3, 64, 96)).values()]
+        [(1, 128, 8, 12), (1, 256, 4, 6), (1, 512, 2, 3)]
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        return_layers: list[int] | tuple[int, ...] = (2, 3, 4),
+        frozen_stages: int = 1,
+        norm: str = "bn",
+        norm_eval: bool = False,
+        weights_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        if arch not in _ARCHS:
+            raise ValueError(f"backbone.arch={arch!r} is not known; choose one of {sorted(_ARCHS)}")
+        if norm not in NORMS:
+            raise ValueError(f"backbone.norm={norm!r} is not known; choose one of {list(NORMS)}")
+        if not 0 <= frozen_stages <= 4:
+            raise ValueError(f"backbone.frozen_stages={frozen_stages} must be in 0..4")
+        return_layers = list(return_layers)
+        if not return_layers or any(i not in (1, 2, 3, 4) for i in return_layers) or sorted(
+            return_layers
+        ) != return_layers:
+            raise ValueError(f"backbone.return_layers={return_layers} must be increasing indices in 1..4")
+        builder, channels = _ARCHS[arch]
+        norm_layer = FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d
+        net = builder(weights=None, norm_layer=norm_layer)
+        if weights_path:
+            load_local_weights(net, weights_path)
+        # Freeze explicitly: torchvision only freezes when it loads weights itself.
+        stages = [nn.ModuleList([net.conv1, net.bn1])] + [getattr(net, f"layer{i}") for i in range(1, 5)]
+        for stage in stages[: frozen_stages + 1] if frozen_stages > 0 else []:
+            for p in stage.parameters():
+                p.requires_grad_(False)
+        self._frozen_modules = stages[: frozen_stages + 1] if frozen_stages > 0 else []
+        self.body = IntermediateLayerGetter(net, {f"layer{i}": str(k) for k, i in enumerate(return_layers)})
+        self.out_channels_list = [channels[i - 1] for i in return_layers]
+        self.strides = [2 ** (i + 1) for i in return_layers]
+        self.norm_eval = norm_eval
+        self.arch = arch
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        """``x``: (B, 3, H, W) normalised images -> C-levels, finest first."""
+        return self.body(x)
+
+    def train(self, mode: bool = True) -> ResNetBody:
+        super().train(mode)
+        if mode:
+            # Frozen stages stay in eval mode (their BN statistics are frozen too), and
+            # with norm_eval every BN uses its running statistics.
+            for m in self._frozen_modules:
+                m.eval()
+            if self.norm_eval:
+                for m in self.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+        return self
+
+
+def load_local_weights(net: nn.Module, path: str | Path) -> None:
+    """Load a torchvision-layout ResNet state dict from a local file (no download).
+
+    The classifier (``fc.*``) may be missing or have another size; every other key
+    must match, otherwise the error lists the mismatching keys.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone.weights_path: no such file: {path} (expected a local .pth state dict)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    # fc.* is the ImageNet classifier; num_batches_tracked is absent in frozen BN.
+    def keep(k: str) -> bool:
+        return not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+
+    state = {k: v for k, v in state.items() if keep(k)}
+    own = {k: v for k, v in net.state_dict().items() if keep(k)}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shape:
+        raise ValueError(
+            f"backbone weights {path} do not fit this architecture: "
+            f"missing={missing[:5]} unexpected={unexpected[:5]} wrong_shape={shape[:5]}"
+        )
+    net.load_state_dict(state, strict=False)

@@ -1,0 +1,185 @@
+"""DetectionModule: the LightningModule that trains and evaluates any assembled detector."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from detection.detectors import Detector
+from detection.evaluation import CocoEvaluator, coco_results
+from lightning_modules.schedules import warmup_cosine_factor, warmup_multistep_factor
+
+SCHEDULES = ("step", "cosine", "constant")
+
+
+def to_original_coords(pred: dict, target: dict, with_masks: bool, mask_threshold: float = 0.5) -> dict:
+    """Map one image's predictions from the resized input back to original pixels.
+
+    ``target['size']`` is the network input size (H, W) and ``target['orig_size']`` the
+    file's; boxes scale per axis, masks (N, 1, H, W) are resized and thresholded.
+    """
+    h, w = (int(v) for v in target["size"])
+    h0, w0 = (int(v) for v in target["orig_size"])
+    sx, sy = w0 / w, h0 / h
+    boxes = pred["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=pred["boxes"].dtype, device=pred["boxes"].device)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w0)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h0)
+    out = {"boxes": boxes, "scores": pred["scores"], "labels": pred["labels"]}
+    if with_masks:
+        masks = pred["masks"]
+        if masks.numel():
+            masks = F.interpolate(masks.float(), size=(h0, w0), mode="bilinear", align_corners=False)
+        else:
+            masks = masks.new_zeros((0, 1, h0, w0))
+        out["masks"] = masks[:, 0] > mask_threshold
+    return out
+
+
+class DetectionModule(L.LightningModule):
+    """Trains a :class:`~detection.detectors.Detector` and evaluates it with COCO metrics.
+
+    Args:
+        net: the assembled detector (built from config before this module).
+        optimizer: a partial ``torch.optim`` constructor (``optimizer(params)``).
+        scheduler: ``name`` (``step | cosine | constant``), ``warmup_iters``,
+            ``warmup_ratio``, ``milestones`` (epochs, for ``step``), ``gamma``,
+            ``final_ratio`` (for ``cosine``). Stepped every optimizer step.
+        eval_backend: ``faster_coco_eval`` (default) or ``pycocotools``.
+        category_ids: original dataset category id of each contiguous label (for the
+            detections file); the datamodule provides it at fit/test time if None.
+    """
+
+    def __init__(
+        self,
+        net: Detector,
+        optimizer: functools.partial,
+        scheduler: dict | None = None,
+        eval_backend: str = "faster_coco_eval",
+        category_ids: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_cfg = dict(scheduler or {})
+        name = self.scheduler_cfg.get("name", "step")
+        if name not in SCHEDULES:
+            raise ValueError(f"optim.scheduler.name={name!r} is not known; choose one of {list(SCHEDULES)}")
+        lr = optimizer.keywords.get("lr") if isinstance(optimizer, functools.partial) else None
+        if lr is not None and not lr > 0:
+            raise ValueError(f"optim.optimizer.lr={lr} must be a positive number")
+        iou_types = ("bbox", "segm") if net.with_masks else ("bbox",)
+        self.val_evaluator = CocoEvaluator(iou_types=iou_types, backend=eval_backend)
+        self.test_evaluator = CocoEvaluator(iou_types=iou_types, backend=eval_backend)
+        self.category_ids = category_ids
+        self.test_results: dict[str, list] = {"bbox": [], "segm": []}
+        self.test_metrics: dict[str, float] = {}
+        self.run_config: dict | None = None  # resolved config, stored in checkpoints
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> Tensor:
+        images, targets = batch
+        losses = self.net(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+            raise FloatingPointError(
+                f"non-finite loss at epoch {self.current_epoch}, step {self.global_step}: "
+                f"{', '.join(bad)} = {[float(losses[k]) for k in bad]}; lower the learning rate or "
+                "lengthen the warmup (the last good checkpoint is kept)"
+            )
+        bs = len(images)
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        return loss
+
+    # ---------------------------------------------------------------- evaluation
+    def _predict_original(self, batch) -> tuple[list[dict], list[dict]]:
+        images, targets = batch
+        preds = self.net(images)
+        preds = [to_original_coords(p, t, self.net.with_masks) for p, t in zip(preds, targets)]
+        gts = []
+        for t in targets:
+            gt = {"boxes": t["orig_boxes"], "labels": t["labels"], "iscrowd": t["iscrowd"], "area": t["area"]}
+            if self.net.with_masks:
+                gt["masks"] = t["orig_masks"].bool()
+            gts.append(gt)
+        return preds, gts
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        preds, gts = self._predict_original(batch)
+        self.val_evaluator.update(preds, gts)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.val_evaluator.compute()
+        self.val_evaluator.reset()
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=False)
+        if "bbox/AP" in metrics:
+            self.log("val/AP", metrics["bbox/AP"], prog_bar=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        preds, gts = self._predict_original(batch)
+        self.test_evaluator.update(preds, gts)
+        category_ids = self.category_ids or list(range(self.net.num_classes))
+        image_ids = [int(t["image_id"]) for t in batch[1]]
+        bbox, segm = coco_results(
+            [{k: v.cpu() for k, v in p.items()} for p in preds], image_ids, category_ids,
+            with_masks=self.net.with_masks,
+        )
+        self.test_results["bbox"].extend(bbox)
+        self.test_results["segm"].extend(segm)
+
+    def on_test_epoch_start(self) -> None:
+        self.test_results = {"bbox": [], "segm": []}
+        self.test_evaluator.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.test_metrics = self.test_evaluator.compute()
+        self.test_evaluator.reset()
+        self.log_dict({f"test/{k}": v for k, v in self.test_metrics.items()})
+        self.test_results = {k: _gather_lists(v) for k, v in self.test_results.items()}
+
+    # ------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        cfg = self.scheduler_cfg
+        name = cfg.get("name", "step")
+        warmup = dict(warmup_iters=int(cfg.get("warmup_iters", 0)), warmup_ratio=float(cfg.get("warmup_ratio", 0.001)))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        per_epoch = max(1, math.ceil(total / max_epochs))
+        if name == "step":
+            milestones = [int(m * per_epoch) for m in cfg.get("milestones", [])]
+            fn = functools.partial(
+                warmup_multistep_factor, milestones=milestones, gamma=float(cfg.get("gamma", 0.1)), **warmup
+            )
+        elif name == "cosine":
+            fn = functools.partial(
+                warmup_cosine_factor, total=total, final_ratio=float(cfg.get("final_ratio", 0.01)), **warmup
+            )
+        else:
+            fn = functools.partial(warmup_multistep_factor, milestones=[], gamma=1.0, **warmup)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_config is not None:
+            checkpoint["pyramidlab_config"] = self.run_config
+        if self.category_ids is not None:
+            checkpoint["category_ids"] = list(self.category_ids)
+
+
+def _gather_lists(items: list) -> list:
+    """Concatenate a per-rank python list across DDP ranks (identity when not distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return items
+    gathered: list[list] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
+    torch.distributed.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]

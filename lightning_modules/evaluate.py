@@ -1,0 +1,74 @@
+"""pyramidlab-eval ckpt_path=... [data overrides]: COCO metrics and detections files for a checkpoint.
+
+The model is rebuilt from the resolved config stored in the checkpoint, so no model
+overrides are needed. Data: the checkpoint's data config, edited by ``data.key=value``
+overrides; ``data=NAME`` replaces it with the named config group.
+"""
+
+from __future__ import annotations
+
+import time
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lightning_modules import builders as B
+
+
+def eval_data_config(cfg: DictConfig, stored: DictConfig) -> DictConfig:
+    """Which data config to evaluate on: the composed one if ``data=`` was given, else the stored one."""
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    if any(o.split("=")[0].lstrip("+~") == "data" for o in overrides):
+        return cfg.data
+    data = stored.data
+    edits = [o.lstrip("+") for o in overrides if o.lstrip("+~").startswith("data.")]
+    if edits:
+        with open_dict(data):
+            data = OmegaConf.merge(data, OmegaConf.from_dotlist([e[len("data."):] for e in edits]))
+    return data
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    ckpt = B.load_checkpoint(cfg.ckpt_path)
+    if "pyramidlab_config" not in ckpt:
+        raise ValueError(f"{cfg.ckpt_path}: not a pyramidlab checkpoint (no stored config)")
+    stored = OmegaConf.create(ckpt["pyramidlab_config"])
+    model_cfg = OmegaConf.create({k: stored[k] for k in ("detector", "backbone", "neck", "optim")})
+    model_cfg.eval = cfg.eval
+    data_cfg = eval_data_config(cfg, stored)
+    run_cfg = OmegaConf.merge(cfg, {"model": model_cfg})
+    with open_dict(run_cfg):
+        run_cfg.data = data_cfg
+    B.print_config(run_cfg, "pyramidlab-eval")
+    net = B.build_net(model_cfg)
+    B.load_net_state(net, ckpt["state_dict"], str(cfg.ckpt_path))
+    if int(data_cfg.num_classes) != net.num_classes:
+        raise ValueError(
+            f"data.num_classes={data_cfg.num_classes} but the checkpoint's detector has {net.num_classes} classes"
+        )
+    datamodule = hydra.utils.instantiate(data_cfg, with_masks=net.with_masks)
+    module = B.build_module(model_cfg, net)
+    module.category_ids = ckpt.get("category_ids")
+    loggers = B.build_loggers(cfg)
+    trainer = B.build_trainer(cfg, callbacks=B.build_callbacks(cfg), loggers=loggers)
+    try:
+        start = time.perf_counter()
+        trainer.test(module, datamodule=datamodule)
+        test_s = time.perf_counter() - start
+        if trainer.is_global_zero:
+            extra = {**B.params_entry(net), "test_seconds": round(test_s, 1), "checkpoint": str(cfg.ckpt_path)}
+            paths = B.write_outputs(cfg.paths.output_dir, module, extra)
+            B.report(module, paths, str(cfg.ckpt_path))
+        return dict(module.test_metrics)
+    finally:
+        B.finish_loggers(loggers)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> float | None:
+    return evaluate(cfg).get("bbox/AP")
+
+
+if __name__ == "__main__":
+    main()

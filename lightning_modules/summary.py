@@ -1,0 +1,34 @@
+"""pyramidlab-summary [train overrides]: parameter counts as one JSON object; needs no dataset."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from detection.detectors import parameter_summary
+from lightning_modules.builders import build_net
+
+
+def summarize(cfg: DictConfig) -> dict:
+    net = build_net(cfg)
+    s = parameter_summary(net)
+    # The papers count trainable parameters (frozen stem + layer1): give M with 2 decimals too.
+    s["params_trainable_M"] = round(s["params_trainable"] / 1e6, 2)
+    s["params_total_M"] = round(s["params_total"] / 1e6, 2)
+    s["detector"], s["neck"]["type"] = net.name, type(net.backbone.neck).__name__
+    s["backbone"]["arch"] = getattr(net.backbone.body, "arch", None)
+    s["num_classes"] = net.num_classes
+    return s
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="summary")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("pyramidlab").setLevel(logging.WARNING)
+    print(json.dumps(summarize(cfg), indent=2))
+
+
+if __name__ == "__main__":
+    main()

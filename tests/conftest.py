@@ -1,0 +1,63 @@
+"""Shared fixtures: composed configs pointing at tiny generated datasets in tmp dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(2)
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+# Small everything: a 4-image-per-batch CPU run takes seconds.
+TINY = [
+    "backbone=resnet18",
+    "backbone.frozen_stages=0",
+    "backbone.norm_eval=false",
+    "trainer.enable_model_summary=false",
+    "data.num_workers=0",
+    "data.batch_size=2",
+    "data.val_batch_size=2",
+    "data.min_size=96",
+    "data.max_size=128",
+    "logger=csv",
+]
+
+
+def small_neck(neck: str) -> list[str]:
+    key = "neck.base.out_channels" if neck.startswith("smsl") else "neck.out_channels"
+    return [f"neck={neck}", f"{key}=32"]
+
+
+def compose_cfg(config_name: str, overrides: list[str], tmp: Path, data_root: Path | None = None):
+    """Compose the real config the way the CLI does, with paths under ``tmp``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        over = [f"paths.root_dir={tmp}", f"paths.output_dir={tmp / 'out'}", f"paths.data_dir={tmp / 'data'}"]
+        if data_root is not None:
+            over.append(f"data.root={data_root}")
+        cfg = compose(config_name=config_name, overrides=over + list(overrides), return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    (tmp / "out").mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory) -> Path:
+    """A tiny embedded dataset: 16 train / 8 val images at 128 px."""
+    from detection.data.shapes import ensure_shapes
+
+    root = tmp_path_factory.mktemp("shapes") / "shapes"
+    ensure_shapes(root, num_train=16, num_val=8, image_size=128, seed=0)
+    return root
