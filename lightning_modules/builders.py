@@ -35,6 +35,11 @@ def build_net(cfg: DictConfig) -> Detector:
     return instantiate(cfg.detector, backbone=backbone, neck=neck)
 
 
+def build_datamodule(data_cfg: DictConfig, with_masks: bool) -> L.LightningDataModule:
+    # _convert_="all": plain containers, so saved hyper-parameters load with weights_only.
+    return instantiate(data_cfg, with_masks=with_masks, _convert_="all")
+
+
 def build_module(cfg: DictConfig, net: Detector) -> DetectionModule:
     return DetectionModule(
         net,
@@ -144,7 +149,7 @@ def load_net_state(net: torch.nn.Module, state: dict, source: str) -> None:
     shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or shape:
         def parts(keys: list[str]) -> list[str]:
-            return sorted({".".join(k.split(".")[:3]) for k in keys})
+            return sorted({".".join(k.removeprefix("model.").split(".")[:3]) for k in keys})
 
         detail = "; ".join(
             f"{what}: {parts(keys)[:6]}"

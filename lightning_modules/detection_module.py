@@ -81,6 +81,18 @@ class DetectionModule(L.LightningModule):
         self.test_metrics: dict[str, float] = {}
         self.run_config: dict | None = None  # resolved config, stored in checkpoints
 
+    def setup(self, stage: str) -> None:
+        # Original category ids of the data being used (the datamodule is set up first):
+        # results files must carry them, not the contiguous labels.
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        ids = getattr(dm, "category_ids", None)
+        if ids:
+            if len(ids) != self.net.num_classes:
+                raise ValueError(
+                    f"the dataset has {len(ids)} categories but the detector was built for {self.net.num_classes}"
+                )
+            self.category_ids = list(ids)
+
     # ------------------------------------------------------------------ training
     def training_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> Tensor:
         images, targets = batch

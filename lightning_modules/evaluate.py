@@ -37,17 +37,17 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model_cfg = OmegaConf.create({k: stored[k] for k in ("detector", "backbone", "neck", "optim")})
     model_cfg.eval = cfg.eval
     data_cfg = eval_data_config(cfg, stored)
-    run_cfg = OmegaConf.merge(cfg, {"model": model_cfg})
-    with open_dict(run_cfg):
-        run_cfg.data = data_cfg
-    B.print_config(run_cfg, "pyramidlab-eval")
+    B.print_config(
+        OmegaConf.create({"ckpt_path": cfg.ckpt_path, "model": model_cfg, "data": data_cfg, "trainer": cfg.trainer}),
+        "pyramidlab-eval",
+    )
     net = B.build_net(model_cfg)
     B.load_net_state(net, ckpt["state_dict"], str(cfg.ckpt_path))
     if int(data_cfg.num_classes) != net.num_classes:
         raise ValueError(
             f"data.num_classes={data_cfg.num_classes} but the checkpoint's detector has {net.num_classes} classes"
         )
-    datamodule = hydra.utils.instantiate(data_cfg, with_masks=net.with_masks)
+    datamodule = B.build_datamodule(data_cfg, net.with_masks)
     module = B.build_module(model_cfg, net)
     module.category_ids = ckpt.get("category_ids")
     loggers = B.build_loggers(cfg)

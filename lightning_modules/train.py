@@ -30,7 +30,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = cfg.paths.output_dir
     resume = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     net = B.build_net(cfg)
-    datamodule = B.instantiate(cfg.data, with_masks=net.with_masks)
+    datamodule = B.build_datamodule(cfg.data, net.with_masks)
     module = B.build_module(cfg, net)
     resolved = B.resolved_config(cfg)
     module.run_config = resolved
@@ -59,7 +59,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     "checkpoint": ckpt,
                 }
                 paths = B.write_outputs(output_dir, module, extra)
-                B.report(module, paths, ckpt or (trainer.checkpoint_callback.last_model_path or None))
+                B.report(module, paths, ckpt)
         return metrics
     finally:
         B.finish_loggers(loggers)
