@@ -21,6 +21,7 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from rich.table import Table
 from torchmetrics.detection import MeanAveragePrecision
+
+# faster-coco-eval logs its whole 12-line summary at INFO on every compute(); the metrics
+# are returned (and tabulated by the entry points), so keep only its warnings.
+logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
 
 __all__ = [
     "BACKENDS",

@@ -108,7 +108,10 @@ def write_outputs(output_dir: str | Path, module: DetectionModule, extra: dict[s
     out = Path(output_dir)
     paths = {"metrics": out / "metrics.json", "detections_bbox": out / "detections_bbox.json"}
     metrics = {k: float(v) for k, v in module.test_metrics.items()}
-    write_json_atomic(paths["metrics"], {**metrics, **extra})
+    # median forward time per image over test batches (batch = data.val_batch_size; the
+    # papers' "Time" is batch-1 latency on a GPU: see the benchmark for that figure)
+    timing = {"time_ms": round(module.test_time_ms, 2), "time_batch_size": module.test_batch_size}
+    write_json_atomic(paths["metrics"], {**metrics, **timing, **extra})
     write_json_atomic(paths["detections_bbox"], module.test_results["bbox"])
     if module.net.with_masks:
         paths["detections_segm"] = out / "detections_segm.json"

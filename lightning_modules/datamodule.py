@@ -134,7 +134,7 @@ class DetectionDataModule(L.LightningDataModule):
         ).limit(limit)
         if ds.num_classes != self.num_classes:
             raise ValueError(
-                f"{ds.ann_file} has {ds.num_classes} categories but num_classes={self.num_classes} was expected"
+                f"{ds.ann_file} has {ds.num_classes} categories but data.num_classes={self.num_classes} was expected"
             )
         return ds
 

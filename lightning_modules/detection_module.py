@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
+import time
 from typing import Any
 
 import lightning as L
@@ -79,6 +81,9 @@ class DetectionModule(L.LightningModule):
         self.category_ids = category_ids
         self.test_results: dict[str, list] = {"bbox": [], "segm": []}
         self.test_metrics: dict[str, float] = {}
+        self.test_times_ms: list[float] = []  # model forward per image (incl. pre/post-processing)
+        self.test_time_ms = float("nan")
+        self.test_batch_size = 0
         self.run_config: dict | None = None  # resolved config, stored in checkpoints
 
     def setup(self, stage: str) -> None:
@@ -108,12 +113,21 @@ class DetectionModule(L.LightningModule):
         bs = len(images)
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
-        return loss
+        # the detached terms ride along for callbacks (curves) without a metrics lookup
+        return {"loss": loss, "terms": {k: v.detach() for k, v in losses.items()}}
 
     # ---------------------------------------------------------------- evaluation
-    def _predict_original(self, batch) -> tuple[list[dict], list[dict]]:
+    def _predict_original(self, batch, timed: bool = False) -> tuple[list[dict], list[dict]]:
         images, targets = batch
+        if timed and images[0].is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
         preds = self.net(images)
+        if timed:
+            if images[0].is_cuda:
+                torch.cuda.synchronize()
+            self.test_times_ms.append(1000 * (time.perf_counter() - start) / len(images))
+            self.test_batch_size = max(self.test_batch_size, len(images))
         preds = [to_original_coords(p, t, self.net.with_masks) for p, t in zip(preds, targets)]
         gts = []
         for t in targets:
@@ -135,7 +149,7 @@ class DetectionModule(L.LightningModule):
             self.log("val/AP", metrics["bbox/AP"], prog_bar=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        preds, gts = self._predict_original(batch)
+        preds, gts = self._predict_original(batch, timed=True)
         self.test_evaluator.update(preds, gts)
         category_ids = self.category_ids or list(range(self.net.num_classes))
         image_ids = [int(t["image_id"]) for t in batch[1]]
@@ -148,6 +162,7 @@ class DetectionModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.test_results = {"bbox": [], "segm": []}
+        self.test_times_ms = []
         self.test_evaluator.reset()
 
     def on_test_epoch_end(self) -> None:
@@ -155,6 +170,8 @@ class DetectionModule(L.LightningModule):
         self.test_evaluator.reset()
         self.log_dict({f"test/{k}": v for k, v in self.test_metrics.items()})
         self.test_results = {k: _gather_lists(v) for k, v in self.test_results.items()}
+        times = self.test_times_ms[1:] or self.test_times_ms  # the first batch warms up
+        self.test_time_ms = statistics.median(times) if times else float("nan")
 
     # ------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:

@@ -397,7 +397,7 @@ def test_datamodule_fit_batches(shapes_root: Path) -> None:
 
 def test_datamodule_generates_and_checks_num_classes(tmp_path: Path) -> None:
     dm = _dm(tmp_path / "gen", num_classes=80, aspect_ratio_grouping=False)
-    with pytest.raises(ValueError, match=r"instances_train\.json has 8 categories but num_classes=80"):
+    with pytest.raises(ValueError, match=r"instances_train\.json has 8 categories but data.num_classes=80"):
         dm.setup("fit")  # generates (root missing), then checks
     assert (tmp_path / "gen" / "shapes_meta.json").exists()
     dm = _dm(tmp_path / "gen", aspect_ratio_grouping=False, test_split="train", max_val_images=3)

@@ -100,13 +100,29 @@ def test_backbone_local_weights_roundtrip_and_mismatch(tmp_path):
         ResNetBody("vgg")
 
 
-def test_level_strides_and_padding_to_coarsest_stride():
+def test_fixed_stride_anchors_match_torchvision_and_need_no_128_padding():
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    from detection.detectors import FixedStrideAnchorGenerator
+
     assert level_strides([8, 16, 32], "p6p7_c5") == [8, 16, 32, 64, 128]
+    sizes, ratios, strides = ((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5, [8, 16, 32, 64, 128]
+    grids = [(112, 160), (56, 80), (28, 40), (14, 20), (7, 10)]  # an 896 x 1280 padded batch
+    feats = [torch.zeros(1, 1, *g) for g in grids]
+    # padded to 128 torchvision's inferred strides are exact: both generators must agree there
+    ref = AnchorGenerator(sizes, ratios)(ImageList(torch.zeros(1, 3, 896, 1280), [(800, 1216)]), feats)[0]
+    fixed = FixedStrideAnchorGenerator(sizes, ratios, strides)
+    ours = fixed(ImageList(torch.zeros(1, 3, 800, 1216), [(800, 1216)]), feats)[0]
+    assert torch.equal(ref, ours)
+    # padded to 32 only (800 x 1216), torchvision would infer P7's stride as 800 // 7 = 114
+    wrong = AnchorGenerator(sizes, ratios)(ImageList(torch.zeros(1, 3, 800, 1216), [(800, 1216)]), feats)[0]
+    assert not torch.equal(wrong, ours)
     det = build_detector(
         "retinanet", functools.partial(ResNetBody, "resnet18", frozen_stages=0),
         functools.partial(FPN, out_channels=16, extra_levels="p6p7_c5"), num_classes=3,
     )
-    assert det.model.transform.size_divisible == 128
+    assert det.model.transform.size_divisible == 32 and det.model.anchor_generator.strides == strides
     det.eval()
     with torch.inference_mode():
         out = det([torch.rand(3, 100, 150)])

@@ -39,7 +39,7 @@ def test_fast_dev_run_every_detector_and_neck(tmp_path, shapes_root, detector, n
     assert ("segm/AP" in metrics) == (detector == "mask_rcnn")
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["bbox/AP"] == pytest.approx(metrics["bbox/AP"])
-    assert saved["params_trainable"] > 0
+    assert saved["params_trainable"] > 0 and saved["time_ms"] > 0 and saved["time_batch_size"] == 2
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,7 @@ def test_train_then_eval_on_edge_case_coco(coco_run):
     tmp, root, cfg, metrics = coco_run
     out = tmp / "out"
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "checkpoints" / "best.ckpt").is_file()
+    assert (out / "curves.png").stat().st_size > 10_000  # losses + val AP plot
     saved = json.loads((out / "metrics.json").read_text())
     for t in ("bbox", "segm"):
         for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
