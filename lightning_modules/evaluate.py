@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_modules import builders as B
+from lightning_modules.paths import CONF_DIR
 
 
 def eval_data_config(cfg: DictConfig, stored: DictConfig) -> DictConfig:
@@ -65,7 +66,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         B.finish_loggers(loggers)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> float | None:
     return evaluate(cfg).get("bbox/AP")
 

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from detection.detectors import parameter_summary
 from lightning_modules.builders import build_net
+from lightning_modules.paths import CONF_DIR
 
 
 def summarize(cfg: DictConfig) -> dict:
@@ -24,7 +25,7 @@ def summarize(cfg: DictConfig) -> dict:
     return s
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="summary")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="summary")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("pyramidlab").setLevel(logging.WARNING)
     print(json.dumps(summarize(cfg), indent=2))

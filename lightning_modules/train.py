@@ -10,6 +10,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from lightning_modules import builders as B
+from lightning_modules.paths import CONF_DIR
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
@@ -65,7 +66,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         B.finish_loggers(loggers)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     # Returned to Hydra sweepers (Optuna optimises it).

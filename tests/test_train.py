@@ -159,13 +159,28 @@ def test_wandb_offline_run_dir_holds_config_and_metrics(tmp_path, shapes_root, m
     assert wandb.run is None  # finished, so the next job of a sweep gets its own run
 
 
-def test_summary_cli_prints_json_and_rejects_unknown_keys(tmp_path):
-    cmd = [sys.executable, "-m", "lightning_modules.summary", "backbone=resnet18", "neck.out_channels=32"]
-    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(REPO),
-                         "PATH": "/usr/bin:/bin"}, timeout=120)
+def _console_script(name: str) -> str:
+    # `make install` puts the console scripts beside the interpreter running the tests
+    path = Path(sys.executable).parent / name
+    assert path.is_file(), f"{path} missing: install the project (`make install`) before running the tests"
+    return str(path)
+
+
+def test_summary_console_script_prints_json_and_rejects_unknown_keys(tmp_path):
+    """The installed entry point, run from another directory, as a user would."""
+    cmd = [_console_script("pyramidlab-summary"), "backbone=resnet18", "neck.out_channels=32"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     s = json.loads(out.stdout)
     assert s["params_total"] > s["params_trainable"] > 0 and s["detector"] == "retinanet"
-    bad = subprocess.run(cmd + ["neck.out_chanels=3"], cwd=tmp_path, capture_output=True, text=True,
-                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
+    bad = subprocess.run(cmd + ["neck.out_chanels=3"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "out_chanels" in bad.stderr
+
+
+def test_train_console_script_fast_dev_run(tmp_path, shapes_root):
+    cmd = [_console_script("pyramidlab-train"), *TINY, "debug=fdr", f"data.root={shapes_root}",
+           f"paths.log_dir={tmp_path / 'runs'}", "neck.out_channels=32", "hydra.run.dir=" + str(tmp_path / "run")]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "metrics.json" in out.stdout and (tmp_path / "run" / "metrics.json").is_file()
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
