@@ -37,7 +37,9 @@ class PlotCurves(L.Callback):
         for k, v in outputs.get("terms", {}).items():
             self.losses[k].append((step, float(v)))
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # not on_validation_epoch_end: callbacks run that hook before the module logs the
+        # epoch's metrics, which would plot the previous validation's AP
         if trainer.sanity_checking:
             return
         for k in ("val/bbox/AP", "val/bbox/AP50", "val/segm/AP"):

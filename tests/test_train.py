@@ -184,3 +184,23 @@ def test_train_console_script_fast_dev_run(tmp_path, shapes_root):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "metrics.json" in out.stdout and (tmp_path / "run" / "metrics.json").is_file()
     assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+
+
+def test_curves_follow_the_logged_validation(tmp_path, shapes_root, monkeypatch):
+    """PlotCurves' AP points are the values logged at the same validation, not the previous one."""
+    import csv
+
+    from lightning_modules.callbacks import PlotCurves
+
+    over = TINY + small_neck("fpn") + [
+        "trainer.max_epochs=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2", "test=false",
+    ]
+    cfg = compose_cfg("train", over, tmp_path, shapes_root)
+    plot = PlotCurves(str(tmp_path / "out"))
+    monkeypatch.setattr(B, "build_callbacks", lambda c: [plot])
+    train(cfg)
+    rows = [r for r in csv.DictReader(open(tmp_path / "out" / "csv" / "metrics.csv")) if r.get("val/bbox/AP")]
+    logged = [(int(r["step"]), round(100 * float(r["val/bbox/AP"]), 5)) for r in rows]
+    plotted = [(step, round(v, 5)) for step, v in plot.ap["bbox/AP"]]
+    assert len(plotted) == 2 and [v for _, v in plotted] == [v for _, v in logged]
+    assert plot.losses["loss"] and (tmp_path / "out" / "curves.png").is_file()

@@ -366,7 +366,7 @@ def read_shapes_meta(root: str | os.PathLike) -> dict[str, Any] | None:
 def generate_shapes(
     root: str | os.PathLike,
     *,
-    num_train: int = 1000,
+    num_train: int = 800,
     num_val: int = 200,
     image_size: int = 256,
     seed: int = 0,
@@ -454,7 +454,7 @@ def generate_shapes(
 def ensure_shapes(
     root: str | os.PathLike,
     *,
-    num_train: int = 1000,
+    num_train: int = 800,
     num_val: int = 200,
     image_size: int = 256,
     seed: int = 0,
