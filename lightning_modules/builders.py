@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -161,16 +159,3 @@ def load_net_state(net: torch.nn.Module, state: dict, source: str) -> None:
         )
         raise ValueError(f"checkpoint {source} does not match the configured architecture — {detail}")
     net.load_state_dict(state)
-
-
-def save_json(path: str | Path, obj: Any) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, obj)
-
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=False)
-
-
-def is_rank_zero() -> bool:
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
