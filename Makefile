@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test lint clean distclean
+.PHONY: install train smsl srfgan bench test lint clean distclean
 
 install: $(STAMP)
 
@@ -20,6 +20,19 @@ $(STAMP): pyproject.toml
 
 train: install
 	$(BIN)/pyramidlab-train experiment=shapes_retinanet $(ARGS)
+
+# SMSL Table 1 (LF; LF+CR; LF+GF; LF+GF+CR) x 2 seeds on the embedded data, CPU (recipe=shapes_cpu);
+# the sweep writes report.md/csv/png into runs/smsl_table1/multirun_<date>/
+smsl: install
+	$(BIN)/pyramidlab-train experiment=smsl/table1 seed=1,2 $(ARGS)
+
+# SRF-GAN stages 0 -> 1 -> 2 -> 3 and Table 4's variants on the embedded data, CPU.
+srfgan: install
+	$(BIN)/pyramidlab-srfgan $(ARGS)
+
+# parameters, latency, training throughput, data and evaluation speed, side by side.
+bench: install
+	$(BIN)/pyramidlab-bench $(ARGS)
 
 test: install
 	WANDB_MODE=offline WANDB_SILENT=true $(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -379,13 +379,21 @@ def smsl_after(
     gather_level: int | None = None,
     channel_rescaling: bool = True,
     global_feature: bool = True,
+    out_channels: int | None = None,
 ) -> SMSLNeck:
     """Neck factory for config: build ``base(in_channels_list=...)`` and put SMSL after it.
 
     ``base`` is a partial neck constructor (FPN, PAFPN, ...) exposing ``num_levels`` and
     ``out_channels``; this is the ``neck=smsl_fpn`` / ``neck=smsl_pafpn`` entry point.
+    ``out_channels``, when given, is checked against the base's: configs set the pyramid
+    width once as ``neck.out_channels`` for every neck (the base interpolates it).
     """
     base_neck = base(in_channels_list=in_channels_list)
+    if out_channels is not None and base_neck.out_channels != out_channels:
+        raise ValueError(
+            f"neck.out_channels={out_channels} but the base neck has out_channels={base_neck.out_channels}; "
+            "set neck.out_channels only (neck.base.out_channels follows it)"
+        )
     num_levels = getattr(base_neck, "num_levels", None)
     if num_levels is None:
         raise ValueError(f"base neck {type(base_neck).__name__} has no num_levels attribute")

@@ -34,7 +34,8 @@ TINY = [
 
 
 def small_neck(neck: str) -> list[str]:
-    key = "neck.base.out_channels" if neck.startswith("smsl") else "neck.out_channels"
+    # every neck takes its pyramid width as neck.out_channels (SMSL's base follows it)
+    key = "neck.base.out_channels" if neck.startswith("srf") else "neck.out_channels"
     return [f"neck={neck}", f"{key}=32"]
 
 
