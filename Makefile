@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
+SMSL_SEEDS ?= 1,2
 
 .PHONY: install train smsl srfgan bench test lint clean distclean
 
@@ -24,7 +25,7 @@ train: install
 # SMSL Table 1 (LF; LF+CR; LF+GF; LF+GF+CR) x 2 seeds on the embedded data, CPU (recipe=shapes_cpu);
 # the sweep writes report.md/csv/png into runs/smsl_table1/multirun_<date>/
 smsl: install
-	$(BIN)/pyramidlab-train experiment=smsl/table1 seed=1,2 $(ARGS)
+	$(BIN)/pyramidlab-train experiment=smsl/table1 seed=$(SMSL_SEEDS) $(ARGS)
 
 # SRF-GAN stages 0 -> 1 -> 2 -> 3 and Table 4's variants on the embedded data, CPU.
 srfgan: install
@@ -35,7 +36,7 @@ bench: install
 	$(BIN)/pyramidlab-bench $(ARGS)
 
 test: install
-	WANDB_MODE=offline WANDB_SILENT=true $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE WANDB_MODE=offline WANDB_SILENT=true $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -201,6 +201,11 @@ def build_detector(
         anchors = FixedStrideAnchorGenerator(sizes, ratios, strides)
         if head_norm not in (None, "gn"):
             raise ValueError(f"detector.head_norm={head_norm!r} is not known; choose null or 'gn'")
+        if head_norm == "gn" and channels % 32:
+            raise ValueError(
+                f"detector.head_norm=gn uses GroupNorm(32): neck.out_channels={channels} "
+                "must be a multiple of 32"
+            )
         # GN(32) as torchvision's v2 head. Measured on the shapes recipe (64 channels):
         # 8 channels per group instead was worse (val AP 2.6 vs 3.9 after 4 epochs).
         norm_layer = functools.partial(nn.GroupNorm, 32) if head_norm == "gn" else None

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import netrc
+import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import lightning as L
 import torch
@@ -17,6 +21,8 @@ from rich.tree import Tree
 
 from detection.detectors import Detector, parameter_summary
 from detection.evaluation import metrics_table, write_json_atomic
+from lightning_modules import hydra_callbacks as H
+from lightning_modules.callbacks import RestoreTrainLoaderState
 from lightning_modules.detection_module import DetectionModule
 
 log = logging.getLogger("pyramidlab")
@@ -41,10 +47,70 @@ def build_datamodule(data_cfg: DictConfig, with_masks: bool) -> L.LightningDataM
 def build_module(cfg: DictConfig, net: Detector) -> DetectionModule:
     return DetectionModule(
         net,
-        optimizer=instantiate(cfg.optim.optimizer),
+        optimizer=build_optimizer(cfg),
         scheduler=OmegaConf.to_container(cfg.optim.scheduler, resolve=True),
         eval_backend=cfg.eval.backend,
     )
+
+
+def _num_devices(tcfg: DictConfig) -> int:
+    """Processes per node that ``trainer.devices`` asks for, as Lightning counts them."""
+    devices = tcfg.get("devices", 1)
+    gpu = str(tcfg.get("accelerator", "cpu")) in ("gpu", "cuda")
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if devices in (-1, "auto"):
+        if not gpu:
+            if devices == "auto":
+                return 1  # Lightning's CPU "auto" is one process
+            raise ValueError("trainer.devices=-1 means all GPUs but trainer.accelerator is cpu; set a number")
+        if torch.cuda.device_count() < 1:
+            raise ValueError(f"trainer.devices={devices} counts the visible GPUs and there are none; set a number")
+        return torch.cuda.device_count()
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+        return len(devices)
+    raise ValueError(f"trainer.devices={devices!r}: expected a positive int, -1, 'auto' or a list of device ids")
+
+
+def total_batch_size(cfg: DictConfig) -> int:
+    """Images per optimizer step: batch × devices × nodes × gradient accumulation."""
+    tcfg = cfg.trainer
+    return (
+        int(cfg.data.batch_size)
+        * _num_devices(tcfg)
+        * int(tcfg.get("num_nodes", 1) or 1)
+        * int(tcfg.get("accumulate_grad_batches", 1) or 1)
+    )
+
+
+def build_optimizer(cfg: DictConfig, node: DictConfig | None = None) -> functools.partial:
+    """A partial optimizer from ``node`` (default ``cfg.optim.optimizer``), lr scaled if ``optim.scale_lr``.
+
+    The papers' "linearly scaled learning rate": ``lr × total batch / optim.base_batch_size``
+    (the configs' lr values are for 16 images, the reference 8 GPUs × 2). The total batch is
+    :func:`total_batch_size`. Every module builds its optimizers here (GAN stages pass their
+    generator / discriminator nodes), so scaling means the same thing everywhere.
+    """
+    node = cfg.optim.optimizer if node is None else node
+    opt = instantiate(node)
+    if not isinstance(opt, functools.partial):
+        raise ValueError(f"optimizer config {node.get('_target_')}: expected `_partial_: true` (a constructor "
+                         "waiting for the parameters)")
+    if not cfg.optim.get("scale_lr", False):
+        return opt
+    if "lr" not in opt.keywords:
+        raise ValueError("optim.scale_lr=true needs an explicit lr in the optimizer config")
+    base = int(cfg.optim.get("base_batch_size", 16))
+    if base <= 0:
+        raise ValueError(f"optim.base_batch_size={base}: expected a positive number of images")
+    total = total_batch_size(cfg)
+    lr = float(opt.keywords["lr"]) * total / base
+    log.info(f"optim.scale_lr: lr {opt.keywords['lr']} x {total} images per step / {base} = {lr:g}")
+    return functools.partial(opt.func, *opt.args, **{**opt.keywords, "lr": lr})
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -52,23 +118,106 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return [instantiate(c) for c in node.values() if c is not None and "_target_" in c]
 
 
-def build_loggers(cfg: DictConfig) -> list[Logger]:
+def wandb_api_key_configured() -> bool:
+    """An API key in ``WANDB_API_KEY`` or in ``~/.netrc`` (what ``wandb login`` writes) for the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(configured: str | None) -> str | None:
+    """The run's mode: the config's, else ``WANDB_MODE``'s (None: let wandb read it), else by API key.
+
+    Passed to ``wandb.init`` per run, never through the environment: ``WandbLogger(offline=True)``
+    sets ``WANDB_MODE`` for the whole process, which later jobs of a multirun inherit.
+    """
+    if configured:
+        if configured not in ("online", "offline", "disabled"):
+            raise ValueError(f"logger.wandb.mode={configured}: expected online, offline, disabled or null")
+        return configured
+    if os.environ.get("WANDB_MODE"):
+        return None
+    if wandb_api_key_configured():
+        return "online"
+    log.warning("W&B: no API key (WANDB_API_KEY or `wandb login`): logging offline; upload later with "
+                "`wandb sync <run dir>/wandb/offline-run-*`")
+    return "offline"
+
+
+def _wandb_kwargs(c: DictConfig, cfg: DictConfig, job_type: str | None) -> dict[str, Any]:
+    """Run identity for a WandbLogger node: defaults that depend on where the job runs."""
+    sweep = H.current_sweep_id()
+    output_dir = cfg.get("paths", {}).get("output_dir")
+    return {
+        # one run per job, named like its folder; all jobs of a sweep share its id as group
+        "name": c.get("name") or (Path(output_dir).name if output_dir else None),
+        "group": c.get("group") or sweep,
+        "job_type": job_type or c.get("job_type"),
+        "mode": wandb_mode(c.get("mode")),
+    }
+
+
+def build_loggers(cfg: DictConfig, job_type: str | None = None) -> list[Logger]:
+    """The loggers of ``cfg.logger``; ``job_type`` (the stage: train, eval, srfgan_stage1, ...) wins over the config's."""
     node = cfg.get("logger") or {}
-    return [instantiate(c) for c in node.values() if c is not None and "_target_" in c]
+    loggers: list[Logger] = []
+    for c in node.values():
+        if c is None or "_target_" not in c:
+            continue
+        if str(c._target_).endswith("WandbLogger"):
+            loggers.append(instantiate(c, **_wandb_kwargs(c, cfg, job_type)))
+        else:
+            loggers.append(instantiate(c))
+    return loggers
+
+
+def wandb_info(loggers: list[Logger]) -> dict[str, Any] | None:
+    """Where this job's W&B run lives (recorded in ``metrics.json`` for the sweep report); rank 0 only."""
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            run = lg.experiment
+            if not hasattr(run, "project"):  # rank > 0: a dummy experiment
+                return None
+            return {
+                "project": run.project,
+                "entity": run.entity or None,
+                "group": run.group or None,
+                "job_type": run.job_type,
+                "id": run.id,
+                "name": run.name,
+                "mode": "offline" if run.offline else "online",
+                "dir": str(run.dir),
+            }
+    return None
+
+
+def _uses_ddp(tcfg: DictConfig) -> bool:
+    return "ddp" in str(tcfg.get("strategy", "")) and "spawn" not in str(tcfg.get("strategy", ""))
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     tcfg = cfg.trainer
-    if tcfg.get("accelerator") == "gpu" and not torch.cuda.is_available():
+    if tcfg.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(
-            "trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu (or trainer=ddp_cpu for "
-            "two CPU processes)"
+            f"trainer.accelerator={tcfg.accelerator} but no CUDA device is visible; choose trainer=cpu, or "
+            "trainer=ddp_cpu for two CPU processes"
         )
     if tcfg.get("accelerator") == "cpu" and str(tcfg.get("precision")) in ("16", "16-mixed"):
         # Lightning would silently switch to bf16-mixed: that changes the experiment.
         raise ValueError(
             f"trainer.precision={tcfg.precision} is not available on CPU; choose 32, bf16-mixed or bf16-true"
         )
+    if tcfg.get("sync_batchnorm") and tcfg.get("accelerator") == "cpu":
+        # torch's SyncBatchNorm runs on GPUs only; it would fail at the first forward
+        raise ValueError("trainer.sync_batchnorm=true needs GPUs (trainer=ddp); set it false on CPU")
+    if _uses_ddp(tcfg):
+        H.install_ddp_child_command()
+    # not a config choice: without it a mid-epoch resume silently replays the epoch's first batches
+    callbacks = [*callbacks, RestoreTrainLoaderState()]
     return instantiate(tcfg, callbacks=callbacks, logger=loggers or False)
 
 
@@ -91,14 +240,14 @@ def log_config(loggers: list[Logger], cfg: dict) -> None:
         lg.log_hyperparams(cfg)
 
 
-def finish_loggers(loggers: list[Logger]) -> None:
-    """End each W&B run so the next job of a multirun gets its own (PITFALLS)."""
+def finish_loggers(loggers: list[Logger], exit_code: int = 0) -> None:
+    """End each W&B run so the next job of a multirun gets its own (PITFALLS); exit_code 1 marks it failed."""
     for lg in loggers:
         if isinstance(lg, WandbLogger):
             import wandb
 
             if wandb.run is not None:
-                wandb.finish()
+                wandb.finish(exit_code=exit_code)
 
 
 def write_outputs(output_dir: str | Path, module: DetectionModule, extra: dict[str, Any]) -> dict[str, Path]:
@@ -109,7 +258,7 @@ def write_outputs(output_dir: str | Path, module: DetectionModule, extra: dict[s
     # median forward time per image over test batches (batch = data.val_batch_size; the
     # papers' "Time" is batch-1 latency on a GPU: see the benchmark for that figure)
     timing = {"time_ms": round(module.test_time_ms, 2), "time_batch_size": module.test_batch_size}
-    write_json_atomic(paths["metrics"], {**metrics, **timing, **extra})
+    write_json_atomic(paths["metrics"], {"status": "completed", **metrics, **timing, **extra})
     write_json_atomic(paths["detections_bbox"], module.test_results["bbox"])
     if module.net.with_masks:
         paths["detections_segm"] = out / "detections_segm.json"

@@ -1,4 +1,4 @@
-"""Training-layer callbacks: plots people would rather see than read."""
+"""Training-layer callbacks: plots people would rather see than read; a resume fix."""
 
 from __future__ import annotations
 
@@ -87,3 +87,24 @@ class PlotCurves(L.Callback):
         plt.close(fig)
         tmp.replace(path)
         return path
+
+
+class RestoreTrainLoaderState(L.Callback):
+    """Hand a checkpoint's train-loader state to the loader when Lightning could not.
+
+    Lightning restores a stateful train loader (``ResumableDataLoader``) in
+    ``FitLoop.setup_data`` if the loops were already restored. A module whose
+    ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (ours: per-step
+    schedules) runs ``setup_data`` during strategy setup, before the loops are restored,
+    and the loader state is then never loaded: the resumed epoch would restart from its
+    first batch. At ``on_train_start`` the loops are restored; when the run restarts in the
+    middle of an epoch, the pending state is loaded and the loader iterator, made before it
+    arrived, is made again. ``build_trainer`` adds this callback to every trainer.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        fit_loop = trainer.fit_loop
+        pending = fit_loop._combined_loader_states_to_load
+        if fit_loop.restarted_mid_epoch and pending and fit_loop._data_fetcher is not None:
+            fit_loop._load_combined_loader_states()
+            iter(fit_loop._data_fetcher)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Mapping, Sequence
+import os
+import random
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, RandomSampler
 
@@ -20,7 +25,7 @@ from detection.data.coco import (
 )
 from detection.data.shapes import ensure_shapes
 
-__all__ = ["DetectionDataModule"]
+__all__ = ["DetectionDataModule", "EpochRandomSampler", "ResumableDataLoader"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,166 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Sequence) and not isinstance(value, str | bytes):
         return [_plain(v) for v in value]
     return value
+
+
+class EpochRandomSampler(RandomSampler):
+    """A random permutation that is a function of ``(seed, epoch)`` only, like ``DistributedSampler``'s.
+
+    ``RandomSampler`` draws each epoch's permutation from the global RNG, so a run resumed
+    mid-epoch cannot see the same order again. Lightning calls ``set_epoch`` at every
+    epoch start. It stays a ``RandomSampler`` subclass because Lightning reads
+    ``isinstance(sampler, RandomSampler)`` to decide that the ``DistributedSampler`` it
+    injects under DDP shuffles (seeded, like this one, with ``PL_GLOBAL_SEED``).
+
+    Args:
+        data_source: the dataset (only its length is used).
+        seed: base seed; epoch ``e`` uses ``seed + e``.
+    """
+
+    def __init__(self, data_source: Sequence, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=g).tolist()
+
+
+def sampler_seed() -> int:
+    """``PL_GLOBAL_SEED`` (set by ``seed_everything``) as DDP's injected sampler uses; else a fresh draw."""
+    env = os.environ.get("PL_GLOBAL_SEED")
+    # seed=null asks for an unseeded run: draw from the global RNG as RandomSampler would
+    return int(env) if env is not None else int(torch.empty((), dtype=torch.int64).random_().item())
+
+
+def _rng_states() -> dict[str, Any]:
+    """Process RNG states as plain containers and tensors (checkpoints load with ``weights_only``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class _SkipFirstBatches:
+    """The loader's batch sampler, minus the batches a resumed epoch has already trained on.
+
+    Skipping happens on indices, so no skipped image is read. The count is taken when the
+    iteration starts (a generator body), not at ``iter()``: torch's multi-worker iterator
+    calls ``iter()`` on its index sampler twice while starting.
+    """
+
+    def __init__(self, loader: ResumableDataLoader, base: Any) -> None:
+        self.loader = loader
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self) -> Iterator[Any]:
+        skip, self.loader._index_skip = self.loader._index_skip, 0
+        yield from itertools.islice(iter(self.base), skip, None)
+
+
+class _CountingIterator:
+    """Counts the batches handed to the training loop; restores RNG states before the first one."""
+
+    def __init__(self, loader: ResumableDataLoader, iterator: Iterator, rng: dict | None) -> None:
+        self.loader = loader
+        self.iterator = iterator
+        self.rng = rng
+
+    def __iter__(self) -> _CountingIterator:
+        return self
+
+    def __len__(self) -> int:
+        return len(self.iterator)  # type: ignore[arg-type]
+
+    def __next__(self) -> Any:
+        if self.rng is not None:
+            # the state the interrupted run had right after its checkpoint, i.e. before this fetch
+            _set_rng_states(self.rng)
+            self.rng = None
+        batch = next(self.iterator)
+        self.loader._served += 1
+        return batch
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` that Lightning checkpoints and restores mid-epoch.
+
+    Lightning 2.x saves ``state_dict()`` of a train loader that has one (the ``_Stateful``
+    protocol) into the checkpoint's fit-loop state and calls ``load_state_dict`` when a run
+    restarts mid-epoch. The state is the sampler's epoch, the number of batches served in
+    it, and the process RNG states at that moment, so the resumed epoch continues with
+    the same remaining batches and, with ``num_workers=0``, the same augmentation draws:
+    a deterministic run resumed after a stop reaches the same weights as one that never
+    stopped. With worker processes the order is restored but worker augmentation seeds
+    are drawn anew. No ``__init__`` of its own: Lightning re-instantiates the loader from
+    its constructor arguments to inject a ``DistributedSampler``.
+    """
+
+    _served = 0  # batches handed out in the current epoch
+    _skip = 0  # batches to skip at the next iteration (set by load_state_dict)
+    _index_skip = 0  # handed to _SkipFirstBatches when the iteration starts
+    _rng: dict | None = None  # RNG states to restore before the next batch
+
+    @property
+    def _index_sampler(self) -> Any:  # type: ignore[override]
+        return _SkipFirstBatches(self, DataLoader._index_sampler.fget(self))  # type: ignore[attr-defined]
+
+    def _epoch_sampler(self) -> Any:
+        for s in (getattr(self.batch_sampler, "sampler", None), self.sampler):
+            if s is not None and hasattr(s, "epoch"):
+                return s
+        return None
+
+    def __iter__(self) -> Iterator:  # type: ignore[override]
+        skip, self._skip = self._skip, 0
+        rng, self._rng = self._rng, None
+        self._served = skip
+        self._index_skip = skip
+        return _CountingIterator(self, super().__iter__(), rng)
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler = self._epoch_sampler()
+        return {
+            "epoch": int(sampler.epoch) if sampler is not None else None,
+            "batches": int(self._served),
+            "rng": _rng_states(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        epoch, batches = state.get("epoch"), int(state.get("batches", 0))
+        if batches >= len(self):
+            # the saved epoch was complete: the next one starts from its first batch
+            batches = 0
+            epoch = None if epoch is None else epoch + 1
+        sampler = self._epoch_sampler()
+        if epoch is not None and sampler is not None:
+            # now, not at Lightning's set_epoch: worker processes draw indices as soon as iter() runs
+            sampler.set_epoch(epoch)
+        self._skip = batches
+        self._rng = state.get("rng")
 
 
 class DetectionDataModule(L.LightningDataModule):
@@ -204,15 +369,15 @@ class DetectionDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled by :class:`EpochRandomSampler`, served by :class:`ResumableDataLoader` (mid-epoch resume)."""
         ds = self.train_dataset
         if ds is None:
             raise RuntimeError("DetectionDataModule: call setup('fit') first")
+        sampler = EpochRandomSampler(ds, seed=sampler_seed())
         if self.aspect_ratio_grouping:
-            batch_sampler = GroupedBatchSampler(
-                RandomSampler(ds), aspect_ratio_group_ids(ds), self.batch_size
-            )
-            return DataLoader(ds, batch_sampler=batch_sampler, **self._loader_kwargs())
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, **self._loader_kwargs())
+            batch_sampler = GroupedBatchSampler(sampler, aspect_ratio_group_ids(ds), self.batch_size)
+            return ResumableDataLoader(ds, batch_sampler=batch_sampler, **self._loader_kwargs())
+        return ResumableDataLoader(ds, batch_size=self.batch_size, sampler=sampler, **self._loader_kwargs())
 
     def _eval_loader(self, ds: CocoDetection | None, stage: str) -> DataLoader:
         if ds is None:

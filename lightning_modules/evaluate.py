@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_modules import builders as B
+from lightning_modules import hydra_callbacks as H
 from lightning_modules.paths import CONF_DIR
 
 
@@ -37,6 +38,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     stored = OmegaConf.create(ckpt["pyramidlab_config"])
     model_cfg = OmegaConf.create({k: stored[k] for k in ("detector", "backbone", "neck", "optim")})
     model_cfg.eval = cfg.eval
+    with open_dict(model_cfg):
+        # evaluation never steps the optimizer, and scaling would need the training devices
+        model_cfg.optim.scale_lr = False
     data_cfg = eval_data_config(cfg, stored)
     B.print_config(
         OmegaConf.create({"ckpt_path": cfg.ckpt_path, "model": model_cfg, "data": data_cfg, "trainer": cfg.trainer}),
@@ -51,24 +55,35 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule = B.build_datamodule(data_cfg, net.with_masks)
     module = B.build_module(model_cfg, net)
     module.category_ids = ckpt.get("category_ids")
-    loggers = B.build_loggers(cfg)
-    trainer = B.build_trainer(cfg, callbacks=B.build_callbacks(cfg), loggers=loggers)
+    loggers = B.build_loggers(cfg, job_type="eval")
+    exit_code = 1
     try:
+        trainer = B.build_trainer(cfg, callbacks=B.build_callbacks(cfg), loggers=loggers)
+        B.log_config(loggers, B.resolved_config(cfg))
         start = time.perf_counter()
         trainer.test(module, datamodule=datamodule)
         test_s = time.perf_counter() - start
         if trainer.is_global_zero:
             extra = {**B.params_entry(net), "test_seconds": round(test_s, 1), "checkpoint": str(cfg.ckpt_path)}
+            if info := B.wandb_info(loggers):
+                extra["wandb"] = info
             paths = B.write_outputs(cfg.paths.output_dir, module, extra)
             B.report(module, paths, str(cfg.ckpt_path))
+        exit_code = 0
         return dict(module.test_metrics)
     finally:
-        B.finish_loggers(loggers)
+        B.finish_loggers(loggers, exit_code=exit_code)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
-def main(cfg: DictConfig) -> float | None:
-    return evaluate(cfg).get("bbox/AP")
+def hydra_main(cfg: DictConfig) -> float | None:
+    metrics = H.run_guarded(evaluate, cfg)
+    return None if metrics is None else metrics.get("bbox/AP")
+
+
+def main() -> None:
+    """Console script ``pyramidlab-eval``."""
+    H.main_with_hints(hydra_main, "eval")
 
 
 if __name__ == "__main__":

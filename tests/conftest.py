@@ -34,9 +34,13 @@ TINY = [
 
 
 def small_neck(neck: str) -> list[str]:
-    # every neck takes its pyramid width as neck.out_channels (SMSL's base follows it)
-    key = "neck.base.out_channels" if neck.startswith("srf") else "neck.out_channels"
-    return [f"neck={neck}", f"{key}=32"]
+    # every neck takes its pyramid width as neck.out_channels (SMSL's / SRF's base follows it)
+    return [f"neck={neck}", "neck.out_channels=32"]
+
+
+# The shapes_root fixture's generation parameters: a run on it must ask for the same dataset,
+# or prepare_data regenerates the default 800 + 200 images into the fixture's folder.
+SHAPES_GEN = ["data.generate.num_train=16", "data.generate.num_val=8", "data.generate.image_size=128"]
 
 
 def compose_cfg(config_name: str, overrides: list[str], tmp: Path, data_root: Path | None = None):
@@ -46,6 +50,8 @@ def compose_cfg(config_name: str, overrides: list[str], tmp: Path, data_root: Pa
         over = [f"paths.root_dir={tmp}", f"paths.output_dir={tmp / 'out'}", f"paths.data_dir={tmp / 'data'}"]
         if data_root is not None:
             over.append(f"data.root={data_root}")
+            if not any(o.startswith("data=") for o in overrides):
+                over += SHAPES_GEN
         cfg = compose(config_name=config_name, overrides=over + list(overrides), return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):

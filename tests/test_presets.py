@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from detection.detectors import count_parameters
 from lightning_modules import builders as B
-from tests.conftest import CONF_DIR, compose_cfg
+from tests.conftest import CONF_DIR, SHAPES_GEN, compose_cfg
 
 
 def sweep_params(experiment: str) -> dict[str, list[str]]:
@@ -82,7 +82,8 @@ def test_table1_multirun_writes_one_metrics_file_per_row(tmp_path, shapes_root):
     exe = Path(sys.executable).parent / "pyramidlab-train"
     sweep = tmp_path / "sweep"
     cmd = [str(exe), "experiment=smsl/table1", "debug=fdr", f"hydra.sweep.dir={sweep}", f"data.root={shapes_root}",
-           "data.min_size=96", "data.max_size=128", "data.val_batch_size=2", "logger=csv", "neck.out_channels=32"]
+           "data.min_size=96", "data.max_size=128", "data.val_batch_size=2", "logger=csv", "neck.out_channels=32",
+           *SHAPES_GEN]
     env = {**os.environ, "WANDB_MODE": "offline"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

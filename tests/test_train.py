@@ -150,7 +150,12 @@ def test_wandb_offline_run_dir_holds_config_and_metrics(tmp_path, shapes_root, m
     runs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     # wandb >= 0.19 keeps an offline run in one binary protobuf log (run-*.wandb) until
-    # `wandb sync`; keys and config values are stored as text inside its records.
+    # `wandb sync`; keys and config values are stored as text inside its records. On a
+    # loaded machine wandb.finish() can return before the service has written the last
+    # records: wait for the run's exit record.
+    from tests.test_sweeps import wandb_run
+
+    wandb_run(runs[0])
     data = next(runs[0].glob("run-*.wandb")).read_bytes()
     for key in (b"train/loss", b"val/bbox/AP", b"test/bbox/AP", b"resnet18", b"retinanet", b"shapes"):
         assert key in data, key

@@ -1,0 +1,348 @@
+"""Everything that talks to Hydra's runtime beyond composing a config.
+
+- :func:`run_guarded`: the outcome of one job. A failing job writes ``metrics.json`` with
+  ``status: failed`` and the error's first line; in a multirun it returns ``None`` so the
+  sweep goes on (Hydra's ``BasicSweeper`` would re-raise a job's exception after the
+  batch, which skips ``on_multirun_end`` and so the report); in a single run it re-raises
+  so the process exits non-zero.
+- :class:`SweepReport`: a Hydra callback (configured in ``conf/hydra/default.yaml``) that
+  writes ``report.md/csv/png`` when a multirun ends.
+- :func:`main_with_hints`: a console-script wrapper that adds "did you mean" to Hydra's
+  unknown-key error and makes a multirun with failed jobs exit non-zero.
+- The ``pyramidlab.job_dirname`` resolver: readable sweep sub-folder names.
+- :func:`ddp_child_command`: the command line of a DDP child process (see PITFALLS:
+  Lightning's own re-runs the whole sweep in every child).
+
+Importing this module registers the resolver. Hydra instantiates the callback (so imports
+this module) when a multirun starts, before any job folder name is resolved; the entry
+points import it too.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from detection.evaluation import write_json_atomic
+
+log = logging.getLogger("pyramidlab")
+
+T = TypeVar("T")
+
+JOB_DIRNAME_RESOLVER = "pyramidlab.job_dirname"
+MAX_DIRNAME = 120  # characters of the overrides kept in a job folder name (file names stop at 255 bytes)
+
+
+def job_dirname(num: int | str, override_dirname: str) -> str:
+    """``<num>_<overrides>``: path separators become ``-``; long names are cut and end with a hash.
+
+    Hydra's ``override_dirname`` keeps ``/`` from values such as ``experiment=smsl/table1``
+    or a path, which would nest folders; a dozen overrides exceed the file-name limit.
+    """
+    name = str(override_dirname).replace(os.sep, "-")
+    if len(name) > MAX_DIRNAME:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        name = f"{name[:MAX_DIRNAME]}-{digest}"
+    return f"{num}_{name}" if name else str(num)
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver(JOB_DIRNAME_RESOLVER):
+        OmegaConf.register_new_resolver(JOB_DIRNAME_RESOLVER, job_dirname)
+
+
+register_resolvers()
+
+
+# ----------------------------------------------------------------------------- job runtime
+def hydra_mode() -> RunMode | None:
+    """RUN, MULTIRUN, or None outside a Hydra app (the Compose API leaves ``hydra.mode`` unset)."""
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().get("mode")
+
+
+def in_multirun() -> bool:
+    return hydra_mode() == RunMode.MULTIRUN
+
+
+def sweep_id(sweep_dir: str | Path) -> str:
+    """The sweep's id, shared by its jobs (W&B ``group``): the sweep folder's last two path parts.
+
+    ``runs/train/multirun_2026-11-22_10-00-00`` -> ``train/multirun_2026-11-22_10-00-00``:
+    the task and the time, readable in a dashboard and the same from every job and from the
+    report, which all know only the folder.
+    """
+    return "/".join(Path(sweep_dir).resolve().parts[-2:])
+
+
+def current_sweep_id() -> str | None:
+    """The running multirun's :func:`sweep_id`; None in a single run."""
+    return sweep_id(HydraConfig.get().sweep.dir) if in_multirun() else None
+
+
+def is_rank_zero() -> bool:
+    # Set from RANK / LOCAL_RANK / SLURM_PROCID at import and by Lightning once DDP is up.
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``; for Hydra's instantiation wrapper, of the error it wraps."""
+    from hydra.errors import InstantiationException
+
+    # its first line is only "Error in call to target 'x':"; the cause names the problem
+    while isinstance(exc, InstantiationException) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def write_status(output_dir: str | Path, status: str, **extra: Any) -> Path:
+    """``metrics.json`` holding only a status (a failed job), written atomically."""
+    path = Path(output_dir) / "metrics.json"
+    write_json_atomic(path, {"status": status, **extra})
+    return path
+
+
+def run_guarded(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | None:
+    """Run ``task(cfg)``; on an exception record it in ``<output dir>/metrics.json``.
+
+    In a multirun the job then returns ``None``: the launcher goes on with the other jobs,
+    the report lists this one as failed, and the Optuna sweeper records the trial as FAIL
+    and goes on (it cannot convert None to a float; a job that raised would instead abort
+    the study once ``max_failure_rate``, default 0, is exceeded). In a
+    single run (or a DDP child) it re-raises, so Hydra prints the error and exits 1.
+    KeyboardInterrupt is not caught: Ctrl-C stops a sweep.
+    """
+    try:
+        return task(cfg)
+    except Exception as exc:
+        output_dir = cfg.paths.output_dir
+        line = first_line(exc)
+        if is_rank_zero():
+            path = write_status(output_dir, "failed", error=line)
+            log.error(f"job failed: {line} (recorded in {path})")
+        if in_multirun():
+            # the full traceback goes to the job's log file and stderr; the sweep continues
+            log.error("".join(traceback.format_exception(exc)))
+            return None
+        raise
+
+
+# ------------------------------------------------------------------------------ callbacks
+class ReadableJobDirs(Callback):
+    """Job folders named by what the sweep varies: ``3_neck=smsl_fpn,seed=2``.
+
+    Hydra's ``override_dirname`` lists every task override, including those common to all
+    jobs (``experiment=…``, ``data.root=…``), which buries the swept values and soon
+    exceeds the file-name limit. When a multirun starts, the keys given a single value on
+    the command line are added to ``override_dirname.exclude_keys``: jobs are composed
+    from the master config's hydra overrides, so every launcher (local, joblib, SLURM)
+    sees the same names. Values swept by ``hydra.sweeper.params`` stay in the name.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from omegaconf import read_write
+
+        task = [str(o) for o in config.hydra.overrides.task]
+        try:
+            parsed = OverridesParser.create().parse_overrides(task)
+        except Exception as e:  # noqa: BLE001 - Hydra reports bad overrides itself, next
+            log.warning(f"job folder names keep all overrides: {first_line(e)}")
+            return
+        fixed = [o.key_or_group for o in parsed if not o.is_sweep_override()]
+        excluded = list(config.hydra.job.config.override_dirname.exclude_keys)
+        keys = excluded + [k for k in fixed if k not in excluded]
+        if keys == excluded:
+            return
+        quoted = ",".join("'" + k.replace("'", "\\'") + "'" for k in keys)
+        with read_write(config.hydra.overrides):
+            config.hydra.overrides.hydra.append(f"hydra.job.config.override_dirname.exclude_keys=[{quoted}]")
+        with read_write(config.hydra.job.config.override_dirname):
+            config.hydra.job.config.override_dirname.exclude_keys = keys
+
+
+@dataclass
+class SweepOutcome:
+    """What the last multirun of this process left behind (read by :func:`main_with_hints`)."""
+
+    sweep_dir: Path
+    jobs: int
+    failed: list[str] = field(default_factory=list)
+    fail_on_failed_jobs: bool = True
+
+
+LAST_SWEEP: SweepOutcome | None = None
+
+
+class SweepReport(Callback):
+    """Write ``report.md``, ``report.csv`` and ``report.png`` into the sweep folder at the end.
+
+    Args:
+        enabled: false skips the report (``hydra.callbacks.report.enabled=false``).
+        fail_on_failed_jobs: the console script exits 1 after the report when a job failed
+            (the Optuna search sets it false: failed trials are part of a search).
+        wandb: log the table and plot to W&B when the jobs logged there.
+    """
+
+    def __init__(self, enabled: bool = True, fail_on_failed_jobs: bool = True, wandb: bool = True) -> None:
+        self.enabled = enabled
+        self.fail_on_failed_jobs = fail_on_failed_jobs
+        self.wandb = wandb
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global LAST_SWEEP
+        if not self.enabled:
+            return
+        from lightning_modules.report import write_sweep_report
+
+        if not HydraConfig.initialized():
+            HydraConfig.instance().set_config(config)  # ${hydra:...} in the sweep dir's interpolations
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if not sweep_dir.is_dir():
+            log.warning(f"sweep folder {sweep_dir} does not exist: no report")
+            return
+        try:
+            result = write_sweep_report(sweep_dir, wandb=self.wandb)
+        except FileNotFoundError as e:  # no job folder (e.g. an app with hydra.output_subdir=null)
+            log.warning(f"no report: {e}")
+            return
+        LAST_SWEEP = SweepOutcome(sweep_dir, result.jobs, result.failed, self.fail_on_failed_jobs)
+
+
+# --------------------------------------------------------------------------- console script
+def override_hint(config_name: str, args: list[str]) -> str | None:
+    """For ``key=value`` overrides whose key is not in the composed config: the closest keys.
+
+    Hydra reports "Key 'out_chanels' is not in struct" without the keys that exist. Called
+    only after a failure, it composes the config with the group choices from ``args``
+    (first value of a sweep) and checks every dotted key.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lightning_modules.paths import CONF_DIR
+
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    groups = [o.split(",")[0] for o in overrides if "." not in o.split("=")[0] and not o.startswith(("+", "~"))]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=groups)
+    except Exception:  # noqa: BLE001 - a bad group choice: Hydra's own message already names it
+        return None
+    finally:
+        GlobalHydra.instance().clear()
+    hints = []
+    for o in overrides:
+        key = o.split("=")[0]
+        if key.startswith(("+", "~", "hydra.", "hydra/")) or "." not in key:
+            continue
+        parent, leaf = key.rsplit(".", 1)
+        node = OmegaConf.select(cfg, parent, default=None)
+        if isinstance(node, DictConfig) and leaf not in node:
+            keys = [str(k) for k in node.keys()]
+            close = difflib.get_close_matches(leaf, keys, n=1)
+            guess = f"did you mean {parent}.{close[0]}? " if close else ""
+            hints.append(f"{key} is not a key of the config: {guess}keys of {parent}: {', '.join(keys)}")
+    return "\n".join(hints) or None
+
+
+def main_with_hints(app: Callable[[], Any], config_name: str) -> None:
+    """Run a ``@hydra.main`` app as a console script.
+
+    A failed start gets a hint for misspelled keys; a multirun whose report lists failed
+    jobs exits 1 after the report is written.
+    """
+    global LAST_SWEEP
+    LAST_SWEEP = None
+    try:
+        app()
+    except SystemExit as e:
+        if e.code not in (0, None):
+            hint = override_hint(config_name, sys.argv[1:])
+            if hint:
+                print(hint, file=sys.stderr)
+        raise
+    outcome = LAST_SWEEP
+    if outcome is not None and outcome.failed and outcome.fail_on_failed_jobs:
+        print(
+            f"{len(outcome.failed)} of {outcome.jobs} jobs failed ({', '.join(outcome.failed)}): "
+            f"see {outcome.sweep_dir / 'report.md'}",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+# --------------------------------------------------------------------------------- ddp
+_CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
+# Hydra overrides a DDP child must not inherit: it runs this one job, in RUN mode, here.
+_CHILD_DROPS = ("hydra.mode", "hydra.sweep", "hydra.run", "hydra/launcher", "hydra.launcher", "hydra/sweeper",
+                "hydra.sweeper", "hydra.output_subdir", "hydra.job.name", "hydra.callbacks")
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def ddp_child_command(local_rank: int) -> tuple[list[str], str]:
+    """Command line and cwd of DDP child ``local_rank``: this job alone, in this job's folder.
+
+    Lightning's ``_hydra_subprocess_cmd`` re-runs ``sys.argv`` with ``hydra.run.dir`` set:
+    in a multirun every child re-runs the whole sweep (a second sweep folder with a
+    ``${now:}`` sweep dir, and jobs started twice). Here the child gets the job's own
+    overrides, ``hydra.mode=RUN`` (a preset may set ``hydra.mode: MULTIRUN``) and the job's
+    output folder; no ``.hydra`` copy (the parent writes it).
+    """
+    import __main__
+
+    hc = HydraConfig.get()
+    if __main__.__spec__ is None:
+        command = [sys.executable, os.path.abspath(sys.argv[0])]
+    else:
+        command = [sys.executable, "-m", __main__.__spec__.name]
+    argv = sys.argv[1:]
+    for i, a in enumerate(argv):
+        if a in _CONFIG_FLAGS and i + 1 < len(argv):
+            command += [a, argv[i + 1]]
+        elif a.startswith(tuple(f + "=" for f in _CONFIG_FLAGS)):
+            command.append(a)
+    command += list(hc.overrides.task)
+    command += [o for o in hc.overrides.hydra if not o.lstrip("+~").startswith(_CHILD_DROPS)]
+    command += [
+        f"hydra.run.dir={_quote(str(hc.runtime.output_dir))}",
+        "hydra.output_subdir=null",
+        f"hydra.job.name={hc.job.name}_ddp_rank{local_rank}",
+        "hydra.mode=RUN",
+    ]
+    return command, str(hc.runtime.cwd)
+
+
+def install_ddp_child_command() -> None:
+    """Make Lightning's DDP launcher start children with :func:`ddp_child_command`."""
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    if not hasattr(subprocess_script, "_hydra_subprocess_cmd"):
+        # a Lightning without this hook would silently re-run whole sweeps in DDP children
+        raise RuntimeError(
+            "lightning.pytorch.strategies.launchers.subprocess_script._hydra_subprocess_cmd is gone in "
+            "this Lightning version; pyramidlab's DDP child command needs updating"
+        )
+    subprocess_script._hydra_subprocess_cmd = ddp_child_command  # type: ignore[attr-defined]
