@@ -1,0 +1,60 @@
+"""SRF-GAN: Super-Resolved Feature GAN for Multi-Scale Representation (Lee & Bae) as plain-torch modules.
+
+Model code only (no Lightning, no Hydra): the generator G, the feature patch discriminator D, the
+losses of Eq. 1-3, the image degradation, the SRF neck and the frozen target network F. The
+training stages live in ``lightning_modules/srfgan_module.py``.
+"""
+
+from srfgan.degradation import DEGRADATIONS, degrade, degrade_images, downsample_nearest, scale_targets
+from srfgan.discriminator import FeaturePatchDiscriminator, frozen_running_stats
+from srfgan.generator import LIGHT_GENERATOR, Generator, ResidualBlock, fit_to_size
+from srfgan.losses import (
+    ADV_WEIGHT,
+    SRFLoss,
+    adversarial_loss,
+    discriminator_accuracy,
+    discriminator_loss,
+    l1_loss,
+    srf_loss,
+)
+from srfgan.neck import UPSAMPLERS, SRFNeck, find_upsampler_owner, srf_neck, top_down_channels
+from srfgan.target import (
+    LEVEL_MATCHING,
+    TargetNetwork,
+    capture_outputs,
+    crop_to_common,
+    different_level_pairs,
+    same_level_pairs,
+)
+
+__all__ = [
+    "ADV_WEIGHT",
+    "DEGRADATIONS",
+    "LEVEL_MATCHING",
+    "LIGHT_GENERATOR",
+    "UPSAMPLERS",
+    "FeaturePatchDiscriminator",
+    "Generator",
+    "ResidualBlock",
+    "SRFLoss",
+    "SRFNeck",
+    "TargetNetwork",
+    "adversarial_loss",
+    "capture_outputs",
+    "crop_to_common",
+    "degrade",
+    "degrade_images",
+    "different_level_pairs",
+    "discriminator_accuracy",
+    "discriminator_loss",
+    "downsample_nearest",
+    "find_upsampler_owner",
+    "fit_to_size",
+    "frozen_running_stats",
+    "l1_loss",
+    "same_level_pairs",
+    "scale_targets",
+    "srf_loss",
+    "srf_neck",
+    "top_down_channels",
+]

@@ -1,0 +1,328 @@
+"""pyramidlab-srfgan: SRF-GAN's stages 0 -> 1 -> 2 -> 3 and Table 4's variants in one run folder.
+
+Each stage trains in its own subfolder of the run dir with its own checkpoints, loggers and
+``metrics.json``, and ends by writing ``stage.json`` (its final checkpoint, metrics and time):
+a rerun pointed at the same folder (``hydra.run.dir=...``) skips every stage that has one.
+Checkpoints pass between stages through config (``srf.ckpt.stage0|1|2``, default: this run's).
+
+Table 4 (progressive learning), as rows of ``report.md`` / ``report.csv``:
+
+====  =========================================================  ===========================
+A1    stage 0: the target detector with NN-FPN                    ``stage0/``
+A2    stage 1 (SRF-GAN) + target detector, G reused              ``stage3_A2/`` (reuse=G)
+A3    the multi-scale SRF extractor alone, tested at full size    ``stage2/``
+A4    stages 1 + 2 + target detector with G frozen (FR)          ``stage3_A4/`` (reuse=M)
+A5    stages 1 + 2 + target detector (ours)                       ``stage3_A5/`` (reuse=M)
+====  =========================================================  ===========================
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from detection.detectors import count_parameters
+from detection.evaluation import write_json_atomic
+from lightning_modules import builders as B
+from lightning_modules import hydra_callbacks as H
+from lightning_modules import srfgan_module as S
+from lightning_modules.paths import CONF_DIR
+from lightning_modules.report import write_report
+
+log = logging.getLogger("pyramidlab")
+
+STAGES = (0, 1, 2, 3)
+# variant -> (stages it needs, folder holding its metrics.json)
+VARIANTS: dict[str, tuple[tuple[int, ...], str]] = {
+    "A1": ((0,), "stage0"),
+    "A2": ((0, 1, 3), "stage3_A2"),
+    "A3": ((0, 1, 2), "stage2"),
+    "A4": ((0, 1, 2, 3), "stage3_A4"),
+    "A5": ((0, 1, 2, 3), "stage3_A5"),
+}
+# stage-3 variants: (reuse, freeze_generator)
+TARGETS = {"A2": ("G", False), "A4": ("M", True), "A5": ("M", False)}
+DESCRIPTIONS = {
+    "A1": "NN-FPN baseline (stage 0)",
+    "A2": "SRF-GAN + target detector (reuse G)",
+    "A3": "SRF extractor alone (stage 2)",
+    "A4": "SRF-GAN + extractor + target, G frozen (FR)",
+    "A5": "SRF-GAN + extractor + target (reuse M)",
+}
+
+
+def check_selection(cfg: DictConfig) -> tuple[list[int], list[str]]:
+    stages = [int(s) for s in cfg.stages]
+    bad = [s for s in stages if s not in STAGES]
+    if bad or not stages:
+        raise ValueError(f"stages={list(cfg.stages)}: expected a non-empty subset of {list(STAGES)}")
+    variants = [str(v) for v in cfg.variants]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"variants: {unknown} not known; choose from {list(VARIANTS)}")
+    return sorted(set(stages)), variants
+
+
+def stage_config(cfg: DictConfig, folder: Path, stage: str, max_epochs: int) -> DictConfig:
+    """The run's config for one stage: outputs under ``folder``, the stage's length, no sweep."""
+    scfg = copy.deepcopy(cfg)
+    with open_dict(scfg):
+        scfg.paths.output_dir = str(folder)
+        if not scfg.trainer.get("fast_dev_run"):
+            scfg.trainer.max_epochs = int(max_epochs)
+        scfg.task_name = stage
+    return scfg
+
+
+def with_neck_upsample(cfg: DictConfig, upsample: str) -> DictConfig:
+    """Stage 0's F is the target detector's FPN with nearest-neighbour upsampling (baseline A1)."""
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.neck.upsample = upsample
+    return out
+
+
+def with_detector(cfg: DictConfig, name: str | None) -> DictConfig:
+    """Stage 2's extractor may carry another detector head (SRF-GAN Table 3)."""
+    if name in (None, "", cfg.detector.name):
+        return cfg
+    path = Path(CONF_DIR) / "detector" / f"{name}.yaml"
+    if not path.is_file():
+        choices = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ValueError(f"srf.extractor_detector={name!r}: no {path}; choose one of {choices}")
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.detector = OmegaConf.load(path)
+    return out
+
+
+def gan_trainer_config(cfg: DictConfig) -> DictConfig:
+    """GAN stages under DDP: a G step leaves D's parameters without gradients (PITFALLS)."""
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        if str(out.trainer.get("strategy", "auto")) == "ddp":
+            out.trainer.strategy = "ddp_find_unused_parameters_true"
+        # the GAN stages monitor the feature L1 (no AP in stage 1)
+        best = out.callbacks.get("model_checkpoint") if out.get("callbacks") else None
+        if best is not None:
+            best.monitor, best.mode = "val/l1", "min"
+    return out
+
+
+def save_final(trainer: L.Trainer, folder: Path) -> Path:
+    """The stage's final weights, written atomically (a crash never leaves a half file as final.ckpt)."""
+    path = folder / "checkpoints" / "final.ckpt"
+    tmp = path.with_suffix(".ckpt.tmp")
+    trainer.save_checkpoint(tmp, weights_only=False)
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
+    return path
+
+
+def run_stage(
+    name: str,
+    cfg: DictConfig,
+    module: L.LightningModule,
+    with_masks: bool,
+    params: dict[str, int],
+    test: bool,
+    job_type: str,
+) -> dict[str, Any]:
+    """Fit ``module`` (then test its best checkpoint if ``test``) in ``cfg.paths.output_dir``."""
+    folder = Path(cfg.paths.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    B.print_config(cfg, f"pyramidlab-srfgan: {name}")
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    # stored in every checkpoint (pyramidlab_config): later stages and pyramidlab-eval rebuild from it
+    module.run_config = B.resolved_config(cfg)
+    datamodule = B.build_datamodule(cfg.data, with_masks)
+    callbacks = B.build_callbacks(cfg)
+    loggers = B.build_loggers(cfg, job_type=job_type)
+    exit_code = 1
+    try:
+        trainer = B.build_trainer(cfg, callbacks, loggers)
+        B.log_config(loggers, B.resolved_config(cfg))
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, weights_only=True)
+        fit_s = time.perf_counter() - start
+        final = save_final(trainer, folder)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best = best if best and Path(best).is_file() else ""
+        entry: dict[str, Any] = {
+            "stage": name,
+            "checkpoint": best or str(final),
+            "final_checkpoint": str(final),
+            "fit_seconds": round(fit_s, 1),
+            **params,
+        }
+        if test:
+            start = time.perf_counter()
+            trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+            entry["test_seconds"] = round(time.perf_counter() - start, 1)
+            if trainer.is_global_zero:
+                paths = B.write_outputs(folder, module, {k: v for k, v in entry.items() if k != "stage"})
+                B.report(module, paths, best or str(final))
+            entry["metrics"] = {k: float(v) for k, v in module.test_metrics.items()}
+            entry["time_ms"] = round(module.test_time_ms, 2)
+        if trainer.is_global_zero:
+            write_json_atomic(folder / "stage.json", entry)
+        exit_code = 0
+        return entry
+    finally:
+        B.finish_loggers(loggers, exit_code=exit_code)
+
+
+def done(folder: Path) -> dict[str, Any] | None:
+    """The stage's record if it completed in an earlier run of this folder."""
+    record = folder / "stage.json"
+    if not record.is_file():
+        return None
+    entry = json.loads(record.read_text())
+    ckpt = entry.get("checkpoint")
+    return entry if ckpt and Path(ckpt).is_file() else None
+
+
+def checkpoint_of(cfg: DictConfig, run_dir: Path, stage: int, folder: str) -> str:
+    """srf.ckpt.stageN if set, else this run's stage N output; a clear error if neither exists."""
+    external = cfg.srf.ckpt.get(f"stage{stage}")
+    if external not in (None, ""):
+        path = Path(str(external)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"srf.ckpt.stage{stage}={external}: no such file")
+        return str(path)
+    entry = done(run_dir / folder)
+    if entry is None:
+        raise FileNotFoundError(
+            f"stage {stage} output missing: no {run_dir / folder / 'stage.json'}; run stage {stage} first "
+            f"(stages=[..., {stage}, ...]) or set srf.ckpt.stage{stage}=FILE"
+        )
+    return str(entry["checkpoint"])
+
+
+def run_pipeline(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """Run the selected stages in order; returns {variant: stage record} for the report."""
+    stages, variants = check_selection(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    seconds: dict[str, float] = {}
+
+    def stage(folder: str, fn: Callable[[], dict[str, Any]]) -> None:
+        if (entry := done(run_dir / folder)) is not None:
+            log.info(f"{folder}: done in an earlier run ({entry['checkpoint']}); skipped")
+            return
+        start = time.perf_counter()
+        fn()
+        seconds[folder] = round(time.perf_counter() - start, 1)
+
+    if 0 in stages:
+        def stage0() -> dict[str, Any]:
+            scfg = stage_config(with_neck_upsample(cfg, "nearest"), run_dir / "stage0", "stage0",
+                                cfg.srf.stage0.max_epochs)
+            net = B.build_net(scfg)
+            return run_stage("stage 0 (target network F, A1)", scfg, B.build_module(scfg, net), net.with_masks,
+                             B.params_entry(net), bool(cfg.test), "srfgan_stage0")
+        stage("stage0", stage0)
+
+    if 1 in stages:
+        def stage1() -> dict[str, Any]:
+            scfg = gan_trainer_config(stage_config(cfg, run_dir / "stage1", "stage1", cfg.srf.stage1.max_epochs))
+            module = S.build_stage1_module(scfg, checkpoint_of(cfg, run_dir, 0, "stage0"))
+            gd = [module.generator, module.discriminator]
+            params = {"params_total": sum(count_parameters(m) for m in gd),
+                      "params_trainable": sum(count_parameters(m, trainable_only=True) for m in gd)}
+            return run_stage("stage 1 (SRF-GAN)", scfg, module, False, params, False, "srfgan_stage1")
+        stage("stage1", stage1)
+
+    if 2 in stages:
+        def stage2() -> dict[str, Any]:
+            base = with_detector(cfg, cfg.srf.get("extractor_detector"))
+            scfg = gan_trainer_config(stage_config(base, run_dir / "stage2", "stage2", cfg.srf.stage2.max_epochs))
+            with open_dict(scfg):  # stage 2 has AP: keep the best checkpoint by val AP (on ↓0.5 images)
+                if scfg.get("callbacks") and scfg.callbacks.get("model_checkpoint") is not None:
+                    scfg.callbacks.model_checkpoint.monitor, scfg.callbacks.model_checkpoint.mode = "val/bbox/AP", "max"
+            module = S.build_stage2_module(
+                scfg, checkpoint_of(cfg, run_dir, 0, "stage0"), checkpoint_of(cfg, run_dir, 1, "stage1")
+            )
+            return run_stage("stage 2 (SRF extractor, A3)", scfg, module, module.net.with_masks,
+                             B.params_entry(module.net), bool(cfg.test), "srfgan_stage2")
+        stage("stage2", stage2)
+
+    if 3 in stages:
+        for variant in [v for v in variants if v in TARGETS]:
+            reuse, freeze = TARGETS[variant]
+
+            def stage3(variant: str = variant, reuse: str = reuse, freeze: bool = freeze) -> dict[str, Any]:
+                folder = f"stage3_{variant}"
+                scfg = stage_config(cfg, run_dir / folder, folder, cfg.srf.stage3.max_epochs)
+                source = checkpoint_of(cfg, run_dir, 1, "stage1") if reuse == "G" else checkpoint_of(
+                    cfg, run_dir, 2, "stage2")
+                net = B.build_net(scfg)
+                S.prepare_target_net(net, reuse=reuse, checkpoint=source, freeze=freeze)
+                return run_stage(f"stage 3 (target detector, {variant})", scfg, B.build_module(scfg, net),
+                                 net.with_masks, B.params_entry(net), bool(cfg.test), "srfgan_stage3")
+            stage(f"stage3_{variant}", stage3)
+
+    results: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        needs, folder = VARIANTS[variant]
+        entry = done(run_dir / folder)
+        results[variant] = {"needs": needs, "folder": folder, "entry": entry, "seconds": seconds.get(folder)}
+    return results
+
+
+def report_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for variant, r in results.items():
+        entry = r["entry"]
+        row: dict[str, Any] = {"variant": variant, "description": DESCRIPTIONS[variant], "folder": r["folder"]}
+        if entry is None or "metrics" not in entry:
+            row["status"] = "not run"
+            row["error"] = "its stages did not run" if entry is None else "not tested (test=false)"
+        else:
+            row["status"] = "ok"
+            row.update(entry["metrics"])
+            row["params_trainable"] = entry.get("params_trainable")
+            row["time_ms"] = entry.get("time_ms")
+            row["fit_seconds"] = entry.get("fit_seconds")
+        rows.append(row)
+    return rows
+
+
+def srfgan(cfg: DictConfig) -> dict[str, Any]:
+    B.print_config(cfg, "pyramidlab-srfgan")
+    results = run_pipeline(cfg)
+    rows = report_rows(results)
+    if not H.is_rank_zero():  # a DDP child re-runs this function: one report
+        return {r["variant"]: r.get("bbox/AP") for r in rows}
+    run_dir = Path(cfg.paths.output_dir)
+    notes = [f"{v}: stages {list(r['needs'])}, folder `{r['folder']}`" for v, r in results.items()]
+    files = write_report(rows, run_dir, title="SRF-GAN Table 4: effects of progressive learning",
+                         columns=["variant", "description"], notes=notes)
+    B.console.print(f"report: {files}")
+    return {r["variant"]: r.get("bbox/AP") for r in rows}
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="srfgan")
+def hydra_main(cfg: DictConfig) -> float | None:
+    out = H.run_guarded(srfgan, cfg)
+    return None if out is None else out.get("A5")
+
+
+def main() -> None:
+    """Console script ``pyramidlab-srfgan``."""
+    H.main_with_hints(hydra_main, "srfgan")
+
+
+if __name__ == "__main__":
+    main()
+

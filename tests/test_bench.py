@@ -1,0 +1,152 @@
+"""pyramidlab-bench: a tiny bench through the real composed config writes every key of issue 6."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_modules.bench import bench, group_options
+from tests.conftest import compose_cfg
+
+# Small everything: two necks on one detector at 128 px, a handful of steps, a small eval set.
+TINY_BENCH = [
+    "bench.detectors=[retinanet]",
+    "bench.necks=[fpn,smsl_fpn]",
+    "bench.size=[128,128]",
+    "bench.backbone=resnet18",
+    "bench.warmup=1",
+    "bench.repeats=2",
+    "bench.framework.rounds=2",
+    "bench.framework.warmup_steps=1",
+    "bench.framework.steps=2",
+    "bench.eval.images=16",
+    "bench.eval.detections_per_image=20",
+    "bench.eval.repeats=1",
+    # one intra-op thread: on a loaded CI machine two spin-waiting OpenMP threads can be 10x slower
+    "bench.threads=1",
+    # the fixture's parameters: the default ones would regenerate the shared tiny dataset at 800 + 200 images
+    "data.generate={num_train:16,num_val:8,image_size:128,seed:0}",
+    "data.num_workers=0",
+    "data.batch_size=2",
+    "data.min_size=96",
+    "data.max_size=128",
+    "neck.out_channels=32",
+    "logger=csv",
+]
+
+NECK_ROW = {"detector", "neck", "params_trainable", "params_total", "ms_median", "ms_min", "ms_max", "ratio_vs_fpn"}
+EXTRA_ROW = {"detections"}
+CPU_ROW = {"cpu_ms_median", "ratio_vs_fpn_cpu"}  # process CPU time: the steadier figure on a shared CPU
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory, shapes_root):
+    tmp = tmp_path_factory.mktemp("bench")
+    cfg = compose_cfg("bench", TINY_BENCH, tmp, shapes_root)
+    threads = torch.get_num_threads()
+    results = bench(cfg)
+    return tmp / "out", results, threads
+
+
+def test_tiny_bench_writes_every_key(tiny_bench):
+    out, results, _ = tiny_bench
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved == json.loads(json.dumps(results))  # what was returned is what was written
+
+    rows = {r["neck"]: r for r in saved["necks"]}
+    assert set(rows) == {"fpn", "smsl_fpn"}
+    on_cpu = saved["device"]["device"] == "cpu"
+    for r in rows.values():
+        assert set(r) == NECK_ROW | EXTRA_ROW | (CPU_ROW if on_cpu else set()) and r["detector"] == "retinanet"
+        assert 0 < r["ms_min"] <= r["ms_median"] <= r["ms_max"]
+        assert r["params_total"] >= r["params_trainable"] > 0
+    assert rows["fpn"]["ratio_vs_fpn"] == 1.0 and rows["fpn"].get("ratio_vs_fpn_cpu", 1.0) == 1.0
+    assert rows["smsl_fpn"]["ratio_vs_fpn"] > 0
+    # SMSL adds parameters to the same detector (+0.98M at C=256, L=5, r=8 in the paper)
+    assert rows["smsl_fpn"]["params_trainable"] > rows["fpn"]["params_trainable"]
+
+    f = saved["framework"]
+    assert f["lightning_img_s"] > 0 and f["plain_img_s"] > 0
+    assert f["ratio"] == pytest.approx(f["plain_img_s"] / f["lightning_img_s"], rel=1e-3)
+    assert len(f["lightning_img_s_rounds"]) == len(f["plain_img_s_rounds"]) == 2
+    assert f["ratio_cpu"] > 0 and f["lightning_cpu_ms_per_img"] > 0
+    assert "validation" in f["lightning_arm"]["excluded"]
+
+    d = saved["data"]
+    assert d["loader_img_s"] > 0 and d["step_img_s"] > 0 and 0 <= d["loader_wait_frac"] < 1
+
+    e = saved["eval"]
+    assert e["pycocotools_s"] > 0 and e["faster_coco_eval_s"] > 0
+    assert 0 < e["ap_pycocotools"] < 1  # jittered true positives among false positives: mid-range
+    assert e["ap_faster"] == pytest.approx(e["ap_pycocotools"], abs=1e-6)
+    assert e["images"] == 16 and e["detections"] == 16 * 20
+    lib = e["library"]  # the libraries alone, on the same detections as a COCO results list
+    assert lib["pycocotools_s"] > 0 and lib["faster_coco_eval_s"] > 0
+    assert lib["ap_faster"] == pytest.approx(lib["ap_pycocotools"], abs=1e-6)
+    assert lib["ap_pycocotools"] == pytest.approx(e["ap_pycocotools"], abs=1e-3)  # boxes rounded to 0.01 px
+
+    dev = saved["device"]
+    assert dev["torch"] and dev["torch_threads"] >= 1 and dev["cpu"]
+    assert saved["gpu"] is None or all(r["speedup_vs_fp32"] > 0 for r in saved["gpu"])
+    assert {t["what"] for t in saved["targets"]} >= {"retinanet smsl_fpn / fpn latency"}
+
+
+def test_tiny_bench_markdown_has_tables_and_command(tiny_bench):
+    out, _, _ = tiny_bench
+    md = (out / "bench.md").read_text()
+    assert md.count("| detector | neck |") == 1 and "| retinanet | smsl_fpn |" in md
+    assert "pyramidlab-bench" in md and "bench.necks=[fpn,smsl_fpn]" in md
+    for title in ("## Framework", "## Data", "## COCO evaluation", "## Targets"):
+        assert title in md
+    assert not list(out.glob(".bench.*.tmp"))  # atomic writes leave no temp files behind
+
+
+def test_bench_leaves_torch_threads_as_found(tiny_bench):
+    _, results, threads = tiny_bench
+    assert results["device"]["torch_threads"] == 1  # bench.threads=1 while it ran
+    assert torch.get_num_threads() == threads  # process-wide setting restored
+
+
+def test_sections_narrow_a_run(tmp_path, shapes_root):
+    cfg = compose_cfg("bench", TINY_BENCH + ["bench.sections=[eval]", "bench.eval.split=val"], tmp_path, shapes_root)
+    results = bench(cfg)
+    assert results["necks"] is None and results["framework"] is None and results["data"] is None
+    assert results["eval"]["split"] == "val" and results["eval"]["images"] == 8  # the whole tiny val split
+
+
+@pytest.mark.parametrize(
+    "override,key,value,group",
+    [
+        ("bench.necks=[fpn,no_such_neck]", "bench.necks", "no_such_neck", "neck"),
+        ("bench.detectors=[yolo]", "bench.detectors", "yolo", "detector"),
+    ],
+)
+def test_unknown_name_is_one_line_with_choices(tmp_path, override, key, value, group):
+    cfg = compose_cfg("bench", [override], tmp_path)
+    with pytest.raises(ValueError) as e:
+        bench(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and key in msg and repr(value) in msg and f"conf/{group}/" in msg
+    assert all(choice in msg for choice in group_options(group))
+
+
+def test_bad_section_and_size_name_their_key(tmp_path):
+    for override, key in (("bench.sections=[necks,speed]", "bench.sections"), ("bench.size=[800]", "bench.size"),
+                          ("bench.repeats=0", "bench.repeats")):
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            bench(compose_cfg("bench", [override], tmp_path))
+
+
+def test_console_script_rejects_unknown_neck(tmp_path):
+    """The installed entry point, from another directory: fails fast, before building anything."""
+    script = Path(sys.executable).parent / "pyramidlab-bench"
+    assert script.is_file(), f"{script} missing: install the project (`make install`)"
+    cmd = [str(script), "bench.necks=[fpn,srf_nope]", f"paths.log_dir={tmp_path / 'runs'}"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "bench.necks: unknown neck 'srf_nope'" in out.stderr and "smsl_fpn" in out.stderr

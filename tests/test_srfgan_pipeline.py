@@ -1,0 +1,85 @@
+"""pyramidlab-srfgan end to end: stages 0 -> 3 and Table 4's report, reruns, stage selection, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHAPES_GEN
+
+EXE = Path(sys.executable).parent / "pyramidlab-srfgan"
+# tiny everything: 32-channel pyramid (the GN head needs multiples of 32), one residual block in G, 96-128 px images
+TINY = ["debug=fdr", "neck.out_channels=32", "neck.generator.num_blocks=1", "data.min_size=96",
+        "data.max_size=128", "data.val_batch_size=2", "data.batch_size=2", "logger=csv", *SHAPES_GEN]
+
+
+def run(args: list[str], cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run([str(EXE), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, shapes_root):
+    tmp = tmp_path_factory.mktemp("srfgan")
+    run_dir = tmp / "run"
+    proc = run([f"hydra.run.dir={run_dir}", f"data.root={shapes_root}", *TINY], tmp)
+    return run_dir, proc, shapes_root, tmp
+
+
+def test_all_stages_write_their_folders_and_table_4(pipeline_run):
+    run_dir, _, _, _ = pipeline_run
+    for folder in ("stage0", "stage1", "stage2", "stage3_A2", "stage3_A4", "stage3_A5"):
+        entry = json.loads((run_dir / folder / "stage.json").read_text())
+        assert Path(entry["checkpoint"]).is_file(), folder
+    rows = list(csv.DictReader((run_dir / "report.csv").open()))
+    assert [r["variant"] for r in rows] == ["A1", "A2", "A3", "A4", "A5"]
+    assert all(r["status"] == "ok" for r in rows)
+    assert (run_dir / "report.md").is_file() and (run_dir / "report.png").is_file()
+    # A1 is NN-FPN; every other variant carries the SRF generator (more parameters)
+    a1 = json.loads((run_dir / "stage0" / "metrics.json").read_text())["params_trainable"]
+    a5 = json.loads((run_dir / "stage3_A5" / "metrics.json").read_text())["params_trainable"]
+    assert a5 > a1
+    # FR: A4's generator is frozen, so it trains fewer parameters than A5
+    a4 = json.loads((run_dir / "stage3_A4" / "metrics.json").read_text())["params_trainable"]
+    assert a4 < a5
+    # stage 1 wrote the Fig. 2 comparison image
+    assert list((run_dir / "stage1").rglob("*.png"))
+
+
+def test_rerun_skips_finished_stages(pipeline_run):
+    run_dir, _, shapes_root, tmp = pipeline_run
+    before = (run_dir / "stage2" / "stage.json").stat().st_mtime_ns
+    proc = run([f"hydra.run.dir={run_dir}", f"data.root={shapes_root}", *TINY], tmp)
+    assert proc.stdout.count("skipped") + proc.stderr.count("skipped") >= 6
+    assert (run_dir / "stage2" / "stage.json").stat().st_mtime_ns == before
+
+
+def test_stage_selection_reuses_external_checkpoints(pipeline_run):
+    run_dir, _, shapes_root, tmp = pipeline_run
+    other = tmp / "only_stage3"
+    f0 = json.loads((run_dir / "stage0" / "stage.json").read_text())["checkpoint"]
+    g1 = json.loads((run_dir / "stage1" / "stage.json").read_text())["checkpoint"]
+    run([f"hydra.run.dir={other}", f"data.root={shapes_root}", "stages=[3]", "variants=[A2]",
+         f"srf.ckpt.stage0={f0}", f"srf.ckpt.stage1={g1}", *TINY], tmp)
+    rows = {r["variant"]: r for r in csv.DictReader((other / "report.csv").open())}
+    assert rows["A2"]["status"] == "ok"
+    assert not (other / "stage0").exists()
+
+
+def test_missing_stage_output_is_one_clear_line_before_training(tmp_path, shapes_root):
+    proc = run([f"hydra.run.dir={tmp_path / 'r'}", f"data.root={shapes_root}", "stages=[1]", *TINY], tmp_path, ok=False)
+    assert proc.returncode != 0
+    assert "stage 0 output missing" in proc.stderr and "srf.ckpt.stage0=FILE" in proc.stderr
+    proc = run([f"hydra.run.dir={tmp_path / 'r2'}", f"data.root={shapes_root}", "stages=[1]",
+                f"srf.ckpt.stage0={tmp_path / 'nope.ckpt'}", *TINY], tmp_path, ok=False)
+    assert "srf.ckpt.stage0=" in proc.stderr and "no such file" in proc.stderr
+    assert not (tmp_path / "r2" / "stage1" / "checkpoints").exists()
