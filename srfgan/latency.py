@@ -8,11 +8,17 @@ so load from other processes hits all of them alike. Each forward records wall t
 process's CPU time (all threads): on a machine shared with other jobs the wall time also counts the
 time this process waits for a core, the CPU time does not, so it is the robust figure there. The
 report gives per variant the median and minimum wall time, the median CPU time, and the ratios to
-``fpn`` (of medians, and the median of per-round paired ratios).
+``fpn`` (of medians, and the median of per-round paired ratios). ``--component-repeats`` also times
+the upsampler alone on the inputs it gets in the detector (the only part that differs), and
+``--flops`` counts FLOPs.
+
+With 2 threads on cores that other jobs also use, every op's OpenMP barrier waits for a descheduled
+thread: forwards then take 2-6× longer and vary by as much, which swamps a few-percent difference.
+Measure on an idle machine (or compare with ``--threads 1``, which is immune to it).
 
 Example::
 
-    python -m srfgan.latency --threads 2 --repeats 7
+    python -m srfgan.latency --threads 2 --repeats 7 --flops
     python -m srfgan.latency --variant light64x2=64,2 --variant light128x2=128,2
 """
 
@@ -33,7 +39,7 @@ from detection.necks import FPN
 from srfgan.generator import LIGHT_GENERATOR, Generator
 from srfgan.neck import srf_neck
 
-__all__ = ["build_variants", "measure", "measure_upsamplers", "component_ratios", "main"]
+__all__ = ["build_variants", "measure", "measure_upsamplers", "count_flops", "component_ratios", "main"]
 
 
 def _retinanet(neck_factory) -> nn.Module:
@@ -135,6 +141,21 @@ def measure_upsamplers(models: dict[str, nn.Module], size: tuple[int, int] = (80
     }
 
 
+@torch.inference_mode()
+def count_flops(models: dict[str, nn.Module], size: tuple[int, int] = (800, 1333)) -> dict:
+    """GFLOPs (2 × multiply-adds, torch's FlopCounterMode) of one forward of each model, and ratios to ``fpn``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image = [torch.rand(3, *size, generator=torch.Generator().manual_seed(0))]
+    flops = {}
+    for name, m in models.items():
+        with FlopCounterMode(display=False) as counter:
+            m(image)
+        flops[name] = counter.get_total_flops() / 1e9
+    return {"gflops": {n: round(f, 2) for n, f in flops.items()},
+            "flops_ratio": {n: round(f / flops["fpn"], 4) for n, f in flops.items()}}
+
+
 def component_ratios(detector: dict, upsamplers: dict) -> dict:
     """(detector fpn time + upsampler time difference) / detector fpn time, for CPU medians and wall minima."""
     out = {}
@@ -159,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--height", type=int, default=800)
     p.add_argument("--width", type=int, default=1333)
     p.add_argument("--component-repeats", type=int, default=30, help="repeats of the upsampler-only timing (0: off)")
+    p.add_argument("--flops", action="store_true", help="also count each model's FLOPs (one more forward each)")
     p.add_argument(
         "--variant", action="append", default=None, metavar="NAME=MID,BLOCKS",
         help="extra generator variants (MID 'none' = C); default: srf (paper) and srf_light",
@@ -173,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     size = (args.height, args.width)
     result = measure(models, size, args.repeats, args.warmup)
     result["variants"] = variants
+    if args.flops:
+        result.update(count_flops(models, size))
     if args.component_repeats > 0:
         result["upsamplers"] = measure_upsamplers(models, size, args.component_repeats)
         result["component_ratio"] = component_ratios(result, result["upsamplers"])

@@ -58,6 +58,16 @@ from tests.conftest import TINY, compose_cfg
 DETECTORS = ["retinanet", "fcos", "faster_rcnn", "mask_rcnn"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast as two, and immune to OpenMP barrier stalls when the
+    two cores are shared with other jobs (measured: ResNet-18 fwd+bwd at 96 px, 0.13 s vs 3 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _count(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -214,14 +224,10 @@ def test_summary_srf_fpn_adds_about_10m_parameters(tmp_path):
     assert nn_axis["params_trainable"] == fpn["params_trainable"]
 
 
-@pytest.mark.parametrize(
-    "detector,neck", [("retinanet", "srf_fpn"), ("retinanet", "srf_pafpn"), ("fcos", "srf_fpn"), ("fcos", "srf_pafpn"),
-                      ("faster_rcnn", "srf_fpn"), ("faster_rcnn", "srf_pafpn"), ("mask_rcnn", "srf_fpn"),
-                      ("mask_rcnn", "srf_pafpn")],
-)
+@pytest.mark.parametrize("neck", ["srf_fpn", "srf_pafpn"])
+@pytest.mark.parametrize("detector", DETECTORS)
 def test_fast_dev_run_srf_necks_through_pyramidlab_train(tmp_path, shapes_root, monkeypatch, detector, neck):
-    over = TINY + detector_overrides(detector) + srf_overrides(neck) + ["debug=fdr", "data.min_size=64", "data.max_size=80",
-                                                                         "test=false"]
+    over = TINY + detector_overrides(detector) + srf_overrides(neck) + ["debug=fdr", "data.min_size=64", "data.max_size=80"]
     cfg = compose_cfg("train", over, tmp_path, shapes_root)
     calls = []
     build_net = B.build_net
@@ -232,9 +238,10 @@ def test_fast_dev_run_srf_necks_through_pyramidlab_train(tmp_path, shapes_root, 
         return net
 
     monkeypatch.setattr(B, "build_net", spy_build)
-    train(cfg)
+    metrics = train(cfg)
+    assert 0.0 <= metrics["bbox/AP"] <= 1.0 and ("segm/AP" in metrics) == (detector == "mask_rcnn")
     steps = 3 if "rcnn" in detector else 2  # top-down x2 steps: P5->P4->P3(->P2)
-    assert calls and len(calls) % steps == 0  # one shared G on every top-down step (train and val)
+    assert calls and len(calls) % steps == 0  # one shared G on every top-down step (train, val, test)
 
 
 # ------------------------------------------------------------------------- stage 1, tiny and fast
@@ -256,14 +263,12 @@ def _loader(n: int = 4) -> DataLoader:
     return DataLoader(_Images(n), batch_size=2, collate_fn=lambda b: ([x[0] for x in b], [x[1] for x in b]))
 
 
-def _tiny_target(channels: int = 16, detector: str = "retinanet") -> TargetNetwork:
+def _tiny_target(channels: int = 16) -> TargetNetwork:
+    """F from an untrained ResNet-18 RetinaNet (P3-P5 top-down levels)."""
     torch.manual_seed(0)
-    extra = "p6p7_c5" if detector == "retinanet" else "maxpool"
-    layers = [2, 3, 4] if detector == "retinanet" else [1, 2, 3, 4]
     det = build_detector(
-        detector, functools.partial(ResNetBody, "resnet18", frozen_stages=0),
-        functools.partial(FPN, out_channels=channels, extra_levels=extra), num_classes=3, return_layers=layers,
-        extra_levels=extra, mask_head_channels=8,
+        "retinanet", functools.partial(ResNetBody, "resnet18", frozen_stages=0),
+        functools.partial(FPN, out_channels=channels, extra_levels="p6p7_c5"), num_classes=3,
     )
     return TargetNetwork.from_detector(det)
 
