@@ -340,6 +340,14 @@ class AdversarialSteps:
             )
         super().setup(stage)
 
+    def _step(self, opt, loss: Tensor) -> None:
+        """Backward through the precision plugin, optional manual clipping, one optimizer step."""
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.gradient_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
+        opt.step()
+
     def discriminator_step(self, real: list[Tensor], fake: list[Tensor]) -> dict[str, Tensor]:
         """Maximise Eq. 1 over D: real = target levels, fake = generated levels (detached here)."""
         opt_d, _ = self.optimizers()
@@ -349,11 +357,7 @@ class AdversarialSteps:
             d_fake = [self.discriminator(f.detach()) for f in fake]
             d_loss = discriminator_loss(d_real, d_fake)
             check_finite(self.stage, self, {"d_loss": d_loss})
-            opt_d.zero_grad(set_to_none=True)
-            self.manual_backward(d_loss)
-            if self.gradient_clip:
-                self.clip_gradients(opt_d, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
-            opt_d.step()
+            self._step(opt_d, d_loss)
         finally:
             self.untoggle_optimizer(opt_d)
         acc_real, acc_fake = discriminator_accuracy(d_real, d_fake)
@@ -378,11 +382,7 @@ class AdversarialSteps:
             srf = srf_loss(fake, real, self.discriminator, self.adv_weight)
             total = srf_weight * srf.total if extra_loss is None else extra_loss + srf_weight * srf.total
             check_finite(self.stage, self, {**(extra_terms or {}), "l1": srf.l1, "adv": srf.adv})
-            opt_g.zero_grad(set_to_none=True)
-            self.manual_backward(total)
-            if self.gradient_clip:
-                self.clip_gradients(opt_g, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
-            opt_g.step()
+            self._step(opt_g, total)
         finally:
             self.untoggle_optimizer(opt_g)
         return {"loss": total.detach(), "l1": srf.l1.detach(), "adv": srf.adv.detach(), "srf": srf.total.detach()}

@@ -106,16 +106,16 @@ def with_detector(cfg: DictConfig, name: str | None) -> DictConfig:
     return out
 
 
-def gan_trainer_config(cfg: DictConfig) -> DictConfig:
-    """GAN stages under DDP: a G step leaves D's parameters without gradients (PITFALLS)."""
+def gan_trainer_config(cfg: DictConfig, monitor: str, mode: str) -> DictConfig:
+    """GAN stages: DDP must allow unused parameters (a G step leaves D without gradients, PITFALLS);
+    the best checkpoint follows ``monitor`` (stage 1 has no AP: ``val/l1``; stage 2: ``val/bbox/AP``)."""
     out = copy.deepcopy(cfg)
     with open_dict(out):
         if str(out.trainer.get("strategy", "auto")) == "ddp":
             out.trainer.strategy = "ddp_find_unused_parameters_true"
-        # the GAN stages monitor the feature L1 (no AP in stage 1)
         best = out.callbacks.get("model_checkpoint") if out.get("callbacks") else None
         if best is not None:
-            best.monitor, best.mode = "val/l1", "min"
+            best.monitor, best.mode = monitor, mode
     return out
 
 
@@ -235,7 +235,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict[str, Any]]:
 
     if 1 in stages:
         def stage1() -> dict[str, Any]:
-            scfg = gan_trainer_config(stage_config(cfg, run_dir / "stage1", "stage1", cfg.srf.stage1.max_epochs))
+            scfg = gan_trainer_config(stage_config(cfg, run_dir / "stage1", "stage1", cfg.srf.stage1.max_epochs),
+                                      "val/l1", "min")
             module = S.build_stage1_module(scfg, checkpoint_of(cfg, run_dir, 0, "stage0"))
             gd = [module.generator, module.discriminator]
             params = {"params_total": sum(count_parameters(m) for m in gd),
@@ -246,10 +247,9 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     if 2 in stages:
         def stage2() -> dict[str, Any]:
             base = with_detector(cfg, cfg.srf.get("extractor_detector"))
-            scfg = gan_trainer_config(stage_config(base, run_dir / "stage2", "stage2", cfg.srf.stage2.max_epochs))
-            with open_dict(scfg):  # stage 2 has AP: keep the best checkpoint by val AP (on ↓0.5 images)
-                if scfg.get("callbacks") and scfg.callbacks.get("model_checkpoint") is not None:
-                    scfg.callbacks.model_checkpoint.monitor, scfg.callbacks.model_checkpoint.mode = "val/bbox/AP", "max"
+            # stage 2 has AP: keep the best checkpoint by val AP (on ↓0.5 images)
+            scfg = gan_trainer_config(stage_config(base, run_dir / "stage2", "stage2", cfg.srf.stage2.max_epochs),
+                                      "val/bbox/AP", "max")
             module = S.build_stage2_module(
                 scfg, checkpoint_of(cfg, run_dir, 0, "stage0"), checkpoint_of(cfg, run_dir, 1, "stage1")
             )
