@@ -308,7 +308,7 @@ def srfgan(cfg: DictConfig) -> dict[str, Any]:
     notes = [f"{v}: stages {list(r['needs'])}, folder `{r['folder']}`" for v, r in results.items()]
     files = write_report(rows, run_dir, title="SRF-GAN Table 4: effects of progressive learning",
                          columns=["variant", "description"], notes=notes)
-    B.console.print(f"report: {files}")
+    B.console.print(f"report: {files.md} (+ {files.csv.name}, {files.png.name if files.png else 'no plot'})")
     return {r["variant"]: r.get("bbox/AP") for r in rows}
 
 
