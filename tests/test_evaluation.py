@@ -21,8 +21,8 @@ from detection.evaluation import (
 )
 
 BACKENDS = ("faster_coco_eval", "pycocotools")
-# torchmetrics hands back float32 tensors, pycocotools float64: 1e-6 covers the float32 rounding of a value
-# in [0, 1] (~6e-8) with margin, and is far below any change one detection makes on these small cases.
+# Both paths end in float64 COCOeval stats; 1e-6 (above the float32 rounding of a value
+# in [0, 1], ~6e-8) is far below any change one detection makes on these small cases.
 TOL = 1e-6
 # COCO's 101 recall thresholds 0.00, 0.01, ..., 1.00 (AP is the mean interpolated precision over them).
 N_REC = 101
@@ -469,3 +469,56 @@ def test_metrics_table_renders_percent_and_dash():
     assert row.count("50.5") == 5 and "–" in row
     assert "segm" not in text
     assert [c.header for c in table.columns] == ["type", "AP", "AP50", "AP75", "APs", "APm", "APl"]
+
+
+# ------------------------------------------------------------------------------------------ DDP gather
+
+
+def _ddp_case():
+    """Four images with masks: hits, a miss, a false positive on an image without objects."""
+    boxes = [[BOX_A, BOX_B], [BOX_B], [], [BOX_A]]
+    preds_boxes = [[BOX_A, FAR_BOX], [BOX_B], [FAR_BOX], [[12, 11, 41, 40]]]
+    preds, targets = [], []
+    for i, (gt, pb) in enumerate(zip(boxes, preds_boxes)):
+        preds.append(_pred(pb, [0.9 - 0.1 * k - 0.05 * i for k in range(len(pb))], [0] * len(pb), _box_masks(pb)))
+        targets.append(_target(gt, [0] * len(gt), masks=_box_masks(gt)))
+    return preds, targets
+
+
+def _ddp_worker(rank: int, world: int, port: int, backend: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        preds, targets = _ddp_case()
+        ev = CocoEvaluator(iou_types=("bbox", "segm"), backend=backend)
+        # rank r gets images r, r + world, ... (DistributedSampler's interleaving), two updates each
+        mine = list(range(rank, len(preds), world))
+        for i in mine:
+            ev.update([preds[i]], [targets[i]])
+        metrics = ev.compute()
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(metrics, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddp_ranks_are_gathered_before_evaluation(backend, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "metrics.json")
+    mp.spawn(_ddp_worker, args=(2, port, backend, out), nprocs=2, join=True)
+    with open(out) as f:
+        gathered = json.load(f)
+    preds, targets = _ddp_case()
+    single = _evaluate(preds, targets, backend, iou_types=("bbox", "segm"))
+    assert gathered.keys() == single.keys()
+    _assert_close(gathered, single, single.keys())
+    # and it is not rank 0's half alone
+    half = _evaluate(preds[0::2], targets[0::2], backend, iou_types=("bbox", "segm"))
+    assert any(abs(half[k] - single[k]) > 1e-3 for k in single)
