@@ -20,7 +20,12 @@ class FeaturePatchDiscriminator(nn.Module):
 
     Args:
         in_channels: C of the features judged (256 in FPN).
-        channels: widths of the three blocks (configurable to keep tests small).
+        channels: widths of the three blocks; ``None`` = ``width_factors × in_channels``.
+        width_factors: the paper's widths as multiples of C: 512, 1024, 1024 at C = 256 are
+            2C, 4C, 4C. Used when ``channels`` is None, so D scales with the pyramid width as the
+            generator does (``mid_channels: null`` = C): the paper's D at C = 256, and a D with
+            1/16 of its FLOPs under the CPU recipe's 64-channel pyramid (our choice: at 512/1024/1024
+            on a 64-channel pyramid D costs more than the detector it trains on a 2-core CPU).
         negative_slope: LeakyReLU slope.
 
     Example:
@@ -30,9 +35,15 @@ class FeaturePatchDiscriminator(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int = 256, channels: Sequence[int] = (512, 1024, 1024), negative_slope: float = 0.2
+        self,
+        in_channels: int = 256,
+        channels: Sequence[int] | None = None,
+        negative_slope: float = 0.2,
+        width_factors: Sequence[float] = (2, 4, 4),
     ) -> None:
         super().__init__()
+        if channels is None:
+            channels = [round(f * in_channels) for f in width_factors]
         channels = [int(c) for c in channels]
         if in_channels < 1 or not channels or min(channels) < 1:
             raise ValueError(

@@ -119,6 +119,16 @@ def test_discriminator_shapes_and_parameter_count():
         assert d(torch.randn(2, 8, h, w)).shape == (2, 1, h, w)  # one logit per feature pixel
 
 
+def test_discriminator_widths_follow_the_pyramid_from_config(tmp_path):
+    # srf.discriminator.channels: null = 2C, 4C, 4C: the paper's 512/1024/1024 at C = 256, and
+    # 1/4 of them on the CPU recipe's 64-channel pyramid; an explicit list pins them
+    node = compose_cfg("train", ["+srfgan@srf=default"], tmp_path).srf.discriminator
+    assert instantiate(node)(in_channels=256).channels == [512, 1024, 1024]
+    assert instantiate(node)(in_channels=64).channels == [128, 256, 256]
+    pinned = compose_cfg("train", ["+srfgan@srf=default", "srf.discriminator.channels=[512,1024,1024]"], tmp_path)
+    assert instantiate(pinned.srf.discriminator)(in_channels=64).channels == [512, 1024, 1024]
+
+
 def test_losses_follow_equations_1_to_3():
     torch.manual_seed(0)
     sr = [torch.randn(2, 3, 6, 8), torch.randn(2, 3, 3, 4)]
