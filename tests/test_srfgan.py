@@ -441,6 +441,27 @@ def test_stage1_from_config_logs_and_writes_the_figure(stages):
     assert ckpt["pyramidlab_config"]["neck"]["generator"]["mid_channels"] == 8
 
 
+def test_fig2_image_reaches_wandb_and_the_run_dir(tmp_path):
+    """The stage-1 comparison image goes to srf_features/ and, as media, into an offline W&B run."""
+    import types
+
+    import numpy as np
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="pyramidlab-test")
+    module = types.SimpleNamespace(
+        global_step=6, trainer=types.SimpleNamespace(default_root_dir=str(tmp_path)), loggers=[logger]
+    )
+    image = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    try:
+        path = SM._write_figure(module, image, "srf/features")
+    finally:
+        logger.experiment.finish()
+    assert path == tmp_path / "srf_features" / "step00000003.png"  # 6 optimizer steps = 3 GAN iterations
+    media = list(tmp_path.glob("wandb/offline-run-*/files/media/images/srf/features_*.png"))
+    assert len(media) == 1 and media[0].stat().st_size > 0
+
+
 def _run_stage2(stages: dict, detector: str, matching: str) -> dict:
     """A stage-2 fast_dev_run from the composed config (G and D from stage 1); what M saw and logged."""
     tmp = stages["tmp"] / f"s2_{detector}_{matching}"
