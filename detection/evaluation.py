@@ -271,6 +271,16 @@ class CocoEvaluator(torch.nn.Module):
         self._num_images = 0
 
 
+def _rle_areas(rles: Sequence[dict[str, Any]]) -> list[float]:
+    """Pixel areas of compressed RLEs. pycocotools' ``mask.area`` on a list builds its output with
+    ``np.array((n,), dtype=np.uint8)`` and raises OverflowError (NumPy 2) beyond 255 masks, so the list
+    goes through in chunks of 255."""
+    out: list[float] = []
+    for i in range(0, len(rles), 255):
+        out.extend(float(a) for a in mask_util.area(list(rles[i : i + 255])))
+    return out
+
+
 def _coco_datasets(
     dets: np.ndarray,
     gts: np.ndarray,
@@ -305,7 +315,7 @@ def _coco_datasets(
     if missing.any():
         if gt_rles is not None:
             idx = np.flatnonzero(missing)
-            g_area[idx] = mask_util.area([gt_rles[i] for i in idx])
+            g_area[idx] = _rle_areas([gt_rles[i] for i in idx])
         else:
             g_area[missing] = gts[missing, 3] * gts[missing, 4]
     g_area = g_area.tolist()
@@ -321,7 +331,7 @@ def _coco_datasets(
     d_score = dets[:, 5].tolist()
     d_lab = dets[:, 6].astype(np.int64).tolist()
     if iou_type == "segm":
-        d_area = np.asarray(mask_util.area(det_rles), dtype=np.float64).tolist() if det_rles else []
+        d_area = _rle_areas(det_rles)
     else:
         d_area = (dets[:, 3] * dets[:, 4]).tolist()
     dt_anns = [

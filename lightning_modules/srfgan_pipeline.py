@@ -36,6 +36,7 @@ from detection.evaluation import write_json_atomic
 from lightning_modules import builders as B
 from lightning_modules import hydra_callbacks as H
 from lightning_modules import srfgan_module as S
+from lightning_modules import train as T
 from lightning_modules.paths import CONF_DIR
 from lightning_modules.report import write_report
 
@@ -138,49 +139,33 @@ def run_stage(
     test: bool,
     job_type: str,
 ) -> dict[str, Any]:
-    """Fit ``module`` (then test its best checkpoint if ``test``) in ``cfg.paths.output_dir``."""
+    """Fit ``module`` (then test its best checkpoint if ``test``) in ``cfg.paths.output_dir`` with
+    pyramidlab-train's loop; save ``final.ckpt`` and record the stage in ``stage.json``."""
     folder = Path(cfg.paths.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     B.print_config(cfg, f"pyramidlab-srfgan: {name}")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    # stored in every checkpoint (pyramidlab_config): later stages and pyramidlab-eval rebuild from it
-    module.run_config = B.resolved_config(cfg)
-    datamodule = B.build_datamodule(cfg.data, with_masks)
-    callbacks = B.build_callbacks(cfg)
-    loggers = B.build_loggers(cfg, job_type=job_type)
-    exit_code = 1
-    try:
-        trainer = B.build_trainer(cfg, callbacks, loggers)
-        B.log_config(loggers, B.resolved_config(cfg))
-        start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, weights_only=True)
-        fit_s = time.perf_counter() - start
-        final = save_final(trainer, folder)
+    final = folder / "checkpoints" / "final.ckpt"
+
+    def after_fit(trainer: L.Trainer) -> dict[str, Any]:
+        save_final(trainer, folder)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        best = best if best and Path(best).is_file() else ""
-        entry: dict[str, Any] = {
-            "stage": name,
-            "checkpoint": best or str(final),
-            "final_checkpoint": str(final),
-            "fit_seconds": round(fit_s, 1),
-            **params,
-        }
-        if test:
-            start = time.perf_counter()
-            trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-            entry["test_seconds"] = round(time.perf_counter() - start, 1)
-            if trainer.is_global_zero:
-                paths = B.write_outputs(folder, module, {k: v for k, v in entry.items() if k != "stage"})
-                B.report(module, paths, best or str(final))
-            entry["metrics"] = {k: float(v) for k, v in module.test_metrics.items()}
-            entry["time_ms"] = round(module.test_time_ms, 2)
-        if trainer.is_global_zero:
-            write_json_atomic(folder / "stage.json", entry)
-        exit_code = 0
-        return entry
-    finally:
-        B.finish_loggers(loggers, exit_code=exit_code)
+        return {"checkpoint": best if best and Path(best).is_file() else str(final), "final_checkpoint": str(final)}
+
+    result = T.fit_and_test(
+        cfg, module, B.build_datamodule(cfg.data, with_masks), job_type=job_type, test=test, extra=dict(params),
+        after_fit=after_fit,
+    )
+    entry: dict[str, Any] = {"stage": name, **{k: v for k, v in result.extra.items() if k != "wandb"}}
+    if test:
+        entry["metrics"] = result.metrics
+        entry["time_ms"] = round(module.test_time_ms, 2)
+    if result.trainer.is_global_zero:
+        write_json_atomic(folder / "stage.json", entry)
+    # every rank waits for rank 0's stage.json: the next stage reads this stage's checkpoint from it
+    result.trainer.strategy.barrier("srfgan_stage_done")
+    return entry
 
 
 def done(folder: Path) -> dict[str, Any] | None:

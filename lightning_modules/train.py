@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -26,21 +29,40 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
     return str(path)
 
 
-def train(cfg: DictConfig, job_type: str = "train") -> dict[str, float]:
-    """Fit, then test the best checkpoint; returns the test metrics (``bbox/AP`` … in 0–1).
+@dataclass
+class FitResult:
+    """What :func:`fit_and_test` leaves behind: the trainer (still holding the process group), the best
+    checkpoint (None when none was written), the test metrics (empty without test) and the figures
+    written next to them in ``metrics.json`` (parameters, fit/test seconds, checkpoint, ...)."""
 
-    With ``test=false`` it returns the best validation ``val/bbox/AP`` instead (when a
-    checkpoint callback monitors it). Rank 0 writes ``metrics.json`` in both cases.
+    trainer: L.Trainer
+    best: str | None
+    metrics: dict[str, float]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def fit_and_test(
+    cfg: DictConfig,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    *,
+    job_type: str,
+    test: bool,
+    extra: dict[str, Any],
+    resume: str | None = None,
+    after_fit: Callable[[L.Trainer], dict[str, Any]] | None = None,
+) -> FitResult:
+    """The loop every training entry point shares (pyramidlab-train, each pyramidlab-srfgan stage).
+
+    Callbacks and loggers from ``cfg``; fit (from ``resume`` if given); ``after_fit(trainer)`` may add
+    figures (the GAN pipeline saves its final checkpoint there); with ``test``, test the best
+    checkpoint (the weights in memory when there is none, e.g. fast_dev_run) and, on rank 0, write
+    ``metrics.json`` + detections into ``cfg.paths.output_dir`` and print the table. Loggers are
+    finished in every case, a failed run's W&B run marked failed.
     """
-    B.print_config(cfg, "pyramidlab-train")
-    if cfg.get("seed") is not None:  # `if cfg.seed` would skip seed=0
-        L.seed_everything(cfg.seed, workers=True)
     output_dir = cfg.paths.output_dir
-    resume = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
-    net = B.build_net(cfg)
-    datamodule = B.build_datamodule(cfg.data, net.with_masks)
-    module = B.build_module(cfg, net)
     resolved = B.resolved_config(cfg)
+    # stored in every checkpoint (pyramidlab_config): pyramidlab-eval and later SRF stages rebuild from it
     module.run_config = resolved
     callbacks = B.build_callbacks(cfg)
     loggers = B.build_loggers(cfg, job_type=job_type)
@@ -50,37 +72,59 @@ def train(cfg: DictConfig, job_type: str = "train") -> dict[str, float]:
         B.log_config(loggers, resolved)
         start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
-        fit_s = time.perf_counter() - start
-        extra = {**B.params_entry(net), "fit_seconds": round(fit_s, 1)}
+        extra = {**extra, "fit_seconds": round(time.perf_counter() - start, 1)}
+        if after_fit is not None:
+            extra.update(after_fit(trainer))
         if trainer.is_global_zero and (info := B.wandb_info(loggers)):
             extra["wandb"] = info  # where the sweep report logs its table
+        cb = trainer.checkpoint_callback
+        best = cb.best_model_path if cb is not None else ""
+        best = best if best and Path(best).is_file() else None
         metrics: dict[str, float] = {}
-        if cfg.get("test"):
-            ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            if not ckpt or not Path(ckpt).is_file():
-                ckpt = None  # fast_dev_run / no validation: test the weights in memory
+        if test:
             start = time.perf_counter()
-            trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-            test_s = time.perf_counter() - start
-            metrics = dict(module.test_metrics)
+            trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
+            extra["test_seconds"] = round(time.perf_counter() - start, 1)
+            metrics = {k: float(v) for k, v in module.test_metrics.items()}
+            extra.setdefault("checkpoint", best)
             if trainer.is_global_zero:
-                extra.update({"test_seconds": round(test_s, 1), "checkpoint": ckpt})
                 paths = B.write_outputs(output_dir, module, extra)
-                B.report(module, paths, ckpt)
-        else:
-            cb = trainer.checkpoint_callback
-            if cb is not None and cb.monitor == "val/bbox/AP" and cb.best_model_score is not None:
-                metrics = {"val/bbox/AP": float(cb.best_model_score)}
-            if trainer.is_global_zero:
-                checkpoint = cb.best_model_path if cb is not None else None
-                write_json_atomic(
-                    Path(output_dir) / "metrics.json",
-                    {"status": "completed", **metrics, **extra, "checkpoint": checkpoint or None},
-                )
+                B.report(module, paths, extra["checkpoint"])
         exit_code = 0
-        return metrics
+        return FitResult(trainer, best, metrics, extra)
     finally:
         B.finish_loggers(loggers, exit_code=exit_code)
+
+
+def train(cfg: DictConfig, job_type: str = "train") -> dict[str, float]:
+    """Fit, then test the best checkpoint; returns the test metrics (``bbox/AP`` … in 0–1).
+
+    With ``test=false`` it returns the best validation ``val/bbox/AP`` instead (when a
+    checkpoint callback monitors it). Rank 0 writes ``metrics.json`` in both cases.
+    """
+    B.print_config(cfg, "pyramidlab-train")
+    if cfg.get("seed") is not None:  # `if cfg.seed` would skip seed=0
+        L.seed_everything(cfg.seed, workers=True)
+    resume = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    net = B.build_net(cfg)
+    datamodule = B.build_datamodule(cfg.data, net.with_masks)
+    module = B.build_module(cfg, net)
+    test = bool(cfg.get("test"))
+    result = fit_and_test(
+        cfg, module, datamodule, job_type=job_type, test=test, extra=B.params_entry(net), resume=resume
+    )
+    if test:
+        return result.metrics
+    cb = result.trainer.checkpoint_callback
+    metrics: dict[str, float] = {}
+    if cb is not None and cb.monitor == "val/bbox/AP" and cb.best_model_score is not None:
+        metrics = {"val/bbox/AP": float(cb.best_model_score)}
+    if result.trainer.is_global_zero:
+        write_json_atomic(
+            Path(cfg.paths.output_dir) / "metrics.json",
+            {"status": "completed", **metrics, **result.extra, "checkpoint": result.best},
+        )
+    return metrics
 
 
 def objective(metrics: dict[str, float] | None) -> float | None:

@@ -522,3 +522,20 @@ def test_ddp_ranks_are_gathered_before_evaluation(backend, tmp_path):
     # and it is not rank 0's half alone
     half = _evaluate(preds[0::2], targets[0::2], backend, iou_types=("bbox", "segm"))
     assert any(abs(half[k] - single[k]) > 1e-3 for k in single)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_segm_with_more_than_255_masks(backend):
+    # pycocotools' mask.area overflows a uint8 beyond 255 masks in one call (NumPy 2): an epoch of
+    # Mask R-CNN detections has thousands
+    rng = np.random.default_rng(0)
+    xy = rng.integers(0, 40, (300, 2))
+    wh = rng.integers(4, 30, (300, 2))
+    boxes = np.concatenate([xy, np.minimum(xy + wh, [W, H])], axis=1).tolist()
+    preds = [_pred(boxes[i::3], rng.uniform(0.1, 1, 100).tolist(), [0] * 100, _box_masks(boxes[i::3])) for i in range(3)]
+    gt_boxes = [[BOX_A, BOX_B], [BOX_B], [BOX_A]]
+    targets = [_target(g, [0] * len(g), area=[0.0] * len(g), masks=_box_masks(g)) for g in gt_boxes]
+    m = _evaluate(preds, targets, backend, iou_types=("segm",))
+    ref_targets = [_target(g, [0] * len(g), area=_box_masks(g).sum((1, 2)).tolist(), masks=_box_masks(g)) for g in gt_boxes]
+    ref = _reference(preds, ref_targets, iou_type="segm")
+    _assert_close(m, ref, m.keys())
