@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import io
 import json
 import logging
@@ -244,6 +245,10 @@ class CocoEvaluator(torch.nn.Module):
         dets, gts, det_rles, gt_rles, sizes, num_images = self._gathered()
         if num_images == 0:
             return {f"{t}/{n}": -1.0 for t in self.iou_types for n in METRIC_NAMES}
+        with _gc_paused():
+            return self._evaluate(dets, gts, det_rles, gt_rles, sizes, num_images)
+
+    def _evaluate(self, dets, gts, det_rles, gt_rles, sizes, num_images) -> dict[str, float]:
         out: dict[str, float] = {}
         for t in self.iou_types:
             segm = "segm" in self.iou_types
@@ -269,6 +274,24 @@ class CocoEvaluator(torch.nn.Module):
         self._gt_rles: list[dict[str, Any]] = []
         self._sizes: list[tuple[int, int]] = []
         self._num_images = 0
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Python's cyclic GC off while COCO datasets are built and evaluated.
+
+    Both backends make a few Python dicts per detection (~100k per 500 images), none of them in cycles;
+    the collector runs every 700 allocations and its full passes walk every object the process holds,
+    which in a training process is a lot. Measured with pyramidlab-bench after its training sections:
+    faster-coco-eval's 500 images x 100 detections took 0.62 s before this (one run) and 0.32 s after.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _rle_areas(rles: Sequence[dict[str, Any]]) -> list[float]:
