@@ -327,8 +327,6 @@ def _coco_datasets(
         images = [{"id": i + 1, "height": h, "width": w} for i, (h, w) in enumerate(sizes)]
     else:
         images = [{"id": i + 1} for i in range(num_images)]
-    if gt_rles is not None and len(gt_rles) != len(gts) or det_rles is not None and len(det_rles) != len(dets):
-        raise ValueError("segm evaluation needs one mask per box in every update")
     g_img = (gts[:, 0].astype(np.int64) + 1).tolist()
     g_box = gts[:, 1:5].tolist()
     g_lab = gts[:, 5].astype(np.int64).tolist()

@@ -146,12 +146,11 @@ def run_stage(
     B.print_config(cfg, f"pyramidlab-srfgan: {name}")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    final = folder / "checkpoints" / "final.ckpt"
 
     def after_fit(trainer: L.Trainer) -> dict[str, Any]:
-        save_final(trainer, folder)
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        return {"checkpoint": best if best and Path(best).is_file() else str(final), "final_checkpoint": str(final)}
+        final = str(save_final(trainer, folder))
+        # "checkpoint": the final weights unless fit_and_test finds a best checkpoint
+        return {"checkpoint": final, "final_checkpoint": final}
 
     result = T.fit_and_test(
         cfg, module, B.build_datamodule(cfg.data, with_masks), job_type=job_type, test=test, extra=dict(params),

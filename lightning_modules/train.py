@@ -57,7 +57,8 @@ def fit_and_test(
     Callbacks and loggers from ``cfg``; fit (from ``resume`` if given); ``after_fit(trainer)`` may add
     figures (the GAN pipeline saves its final checkpoint there); with ``test``, test the best
     checkpoint (the weights in memory when there is none, e.g. fast_dev_run) and, on rank 0, write
-    ``metrics.json`` + detections into ``cfg.paths.output_dir`` and print the table. Loggers are
+    ``metrics.json`` + detections into ``cfg.paths.output_dir`` and print the table. ``extra["checkpoint"]``
+    becomes the best checkpoint when there is one. Loggers are
     finished in every case, a failed run's W&B run marked failed.
     """
     output_dir = cfg.paths.output_dir
@@ -80,13 +81,13 @@ def fit_and_test(
         cb = trainer.checkpoint_callback
         best = cb.best_model_path if cb is not None else ""
         best = best if best and Path(best).is_file() else None
+        extra["checkpoint"] = best or extra.get("checkpoint")  # after_fit may name a fallback
         metrics: dict[str, float] = {}
         if test:
             start = time.perf_counter()
             trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
             extra["test_seconds"] = round(time.perf_counter() - start, 1)
             metrics = {k: float(v) for k, v in module.test_metrics.items()}
-            extra.setdefault("checkpoint", best)
             if trainer.is_global_zero:
                 paths = B.write_outputs(output_dir, module, extra)
                 B.report(module, paths, extra["checkpoint"])
