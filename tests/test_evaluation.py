@@ -20,7 +20,7 @@ from detection.evaluation import (
     write_json_atomic,
 )
 
-BACKENDS = ("faster_coco_eval", "pycocotools")
+BACKENDS = ("faster_coco_eval", "pycocotools", "hotcoco")
 # Both paths end in float64 COCOeval stats; 1e-6 (above the float32 rounding of a value
 # in [0, 1], ~6e-8) is far below any change one detection makes on these small cases.
 TOL = 1e-6
