@@ -314,11 +314,10 @@ class CocoEvaluator(torch.nn.Module):
             return {f"{t}/{n}": -1.0 for t in self.iou_types for n in METRIC_NAMES}
         with _gc_paused():
             if self.ground_truth is not None:
-                gt_dataset, det_cols = _file_datasets(
+                gt_dataset, dt_for = _file_datasets(
                     self.ground_truth, self.category_ids, dets, det_rles, image_ids, self.iou_types
                 )
                 gt_for = dict.fromkeys(self.iou_types, gt_dataset)
-                dt_for = dict.fromkeys(self.iou_types, det_cols)
             else:
                 segm = "segm" in self.iou_types
                 labels = np.union1d(dets[:, 6], gts[:, 5]).astype(np.int64).tolist()

@@ -539,3 +539,162 @@ def test_segm_with_more_than_255_masks(backend):
     ref_targets = [_target(g, [0] * len(g), area=_box_masks(g).sum((1, 2)).tolist(), masks=_box_masks(g)) for g in gt_boxes]
     ref = _reference(preds, ref_targets, iou_type="segm")
     _assert_close(m, ref, m.keys())
+
+
+# ------------------------------------------------- metrics = pycocotools on the written results file (issue 12.8)
+
+# Relative boxes (x1, y1, x2, y2 as fractions of the image) the stub detector below always predicts; the
+# ground truth is built around them with sub-pixel jitter, so many IoUs sit near the 0.5..0.95 thresholds
+# and a change of a box by 0.005 px moves AP75 (small objects: 3-12 px on a 48 x 64 image).
+_REL = np.array(
+    [[0.05 + 0.11 * (k % 8), 0.06 + 0.2 * (k // 8), 0.05 + 0.11 * (k % 8) + 0.05 + 0.01 * (k % 5),
+      0.06 + 0.2 * (k // 8) + 0.07 + 0.015 * (k % 4)] for k in range(24)]
+)
+_CATS = [{"id": 3, "name": "a"}, {"id": 8, "name": "b"}, {"id": 21, "name": "c"}]
+_LABELS = np.arange(len(_REL)) % 3
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    flat = mask.flatten(order="F")
+    runs, cur, n = [], 0, 0
+    for v in flat:
+        if v != cur:
+            runs.append(n)
+            cur, n = int(v), 0
+        n += 1
+    runs.append(n)
+    return {"size": list(mask.shape), "counts": runs}
+
+
+def _small_object_coco(root, n_images=14, seed=0):
+    """A COCO directory (split ``s``) built around :data:`_REL`: small objects with fractional polygon
+    boxes, non-contiguous image and category ids, crowd regions (uncompressed RLE), three images without
+    annotations, a box sticking out of the image (the loader clamps it) and a zero-width box (dropped)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "annotations").mkdir(parents=True)
+    (root / "s").mkdir()
+    images, anns = [], []
+    for i in range(n_images):
+        h, w = (48, 64) if i % 2 == 0 else (64, 48)
+        image_id = 7 + 13 * i
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "s" / f"{image_id}.png")
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "height": h, "width": w})
+        if i % 5 == 3:
+            continue  # no annotations
+        for k, r in enumerate(_REL):
+            if rng.random() < 0.35:
+                continue
+            x1, y1, x2, y2 = r * [w, h, w, h] + rng.normal(0, 0.35, 4)
+            x1, y1 = max(x1, 0.0), max(y1, 0.0)
+            lab = _LABELS[k] if rng.random() < 0.85 else (_LABELS[k] + 1) % 3
+            poly = [x1, y1, x2, y1, x2, y2, x1, y2]
+            anns.append({"image_id": image_id, "category_id": _CATS[lab]["id"], "iscrowd": 0,
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                         "segmentation": [[round(float(v), 2) for v in poly]]})
+        if i % 4 == 0:  # a crowd region over the lower band
+            m = np.zeros((h, w), dtype=np.uint8)
+            m[h // 2 :, : w // 2] = 1
+            anns.append({"image_id": image_id, "category_id": _CATS[i % 3]["id"], "iscrowd": 1,
+                         "bbox": [0, h // 2, w // 2, h - h // 2], "area": float(m.sum()),
+                         "segmentation": _uncompressed_rle(m)})
+    anns.append({"image_id": 7, "category_id": 3, "iscrowd": 0, "bbox": [50.5, 3.2, 30.0, 6.1],
+                 "area": 60.0, "segmentation": [[50.5, 3.2, 64, 3.2, 64, 9.3, 50.5, 9.3]]})
+    anns.append({"image_id": 7, "category_id": 8, "iscrowd": 0, "bbox": [5.0, 5.0, 0.0, 4.0],
+                 "area": 0.0, "segmentation": [[5, 5, 5, 9, 5.5, 9]]})
+    for k, a in enumerate(anns):
+        a["id"] = 1000 + 3 * k
+    ann_file = root / "annotations" / "instances_s.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": anns, "categories": _CATS}))
+    return ann_file, images
+
+
+class _StubDetector(torch.nn.Module):
+    """Predicts :data:`_REL` on every image (in the input's pixels, as a detector does), box-filled soft
+    masks, fixed scores: enough to exercise the test step, the results files and the metrics."""
+
+    with_masks = True
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.scores = torch.linspace(0.95, 0.2, len(_REL))
+
+    def forward(self, images, targets=None):
+        out = []
+        for img in images:
+            h, w = img.shape[-2:]
+            boxes = torch.tensor(_REL, dtype=torch.float32) * torch.tensor([w, h, w, h], dtype=torch.float32)
+            masks = torch.zeros(len(boxes), 1, h, w)
+            for k, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+                masks[k, 0, int(y1) : int(np.ceil(y2)), int(x1) : int(np.ceil(x2))] = 0.9
+            out.append({"boxes": boxes, "scores": self.scores.clone(), "labels": torch.as_tensor(_LABELS),
+                        "masks": masks})
+        return out
+
+
+def _stub_preds(images, seed=1):
+    """Predictions in original pixels for each image entry: :data:`_REL` with fractional offsets and box masks."""
+    g = np.random.default_rng(seed)
+    preds = []
+    for im in images:
+        h, w = im["height"], im["width"]
+        boxes = np.clip(_REL * [w, h, w, h] + g.normal(0, 0.2, _REL.shape), 0, [w, h, w, h])
+        masks = torch.zeros(len(boxes), h, w, dtype=torch.bool)
+        for k, (x1, y1, x2, y2) in enumerate(boxes):
+            masks[k, int(y1) : int(np.ceil(y2)), int(x1) : int(np.ceil(x2))] = True
+        preds.append(_pred(boxes.tolist(), g.uniform(0.05, 1, len(boxes)).tolist(), _LABELS.tolist(), masks=masks))
+    return preds
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_metrics_are_pycocotools_on_the_written_results_file(backend, tmp_path):
+    ann_file, images = _small_object_coco(tmp_path / "coco")
+    preds = _stub_preds(images)
+    image_ids = [im["id"] for im in images]
+    ev = CocoEvaluator(("bbox", "segm"), backend, ground_truth=ann_file)
+    for b in range(0, len(preds), 4):  # in batches, like the test step
+        ev.update(preds[b : b + 4], [{"image_id": i} for i in image_ids[b : b + 4]])
+    m = ev.compute()
+    bbox, segm = coco_results(preds, image_ids, ev.category_ids, with_masks=True)
+    for t, res in (("bbox", bbox), ("segm", segm)):
+        path = write_json_atomic(tmp_path / f"detections_{t}.json", res)
+        ref = evaluate_results_with_pycocotools(ann_file, path, t)
+        assert 0.05 < ref[f"{t}/AP"] < 0.95 and ref[f"{t}/APs"] > 0
+        _assert_close(m, ref, [f"{t}/{n}" for n in METRIC_NAMES])
+    # the case is sensitive to what is evaluated: unrounded boxes (what metrics.json used before) give
+    # other numbers than the 2-decimal boxes of the file
+    ev.box_decimals = None
+    ev.reset()
+    ev.update(preds, [{"image_id": i} for i in image_ids])
+    unrounded = ev.compute()
+    assert max(abs(unrounded[f"bbox/{n}"] - m[f"bbox/{n}"]) for n in METRIC_NAMES) > 1e-4
+
+
+def test_test_step_metrics_equal_pycocotools_on_detections_files(tmp_path):
+    """End to end: the test loop and write_outputs on a COCO directory; metrics.json must be what
+    pycocotools computes from detections_{bbox,segm}.json against the annotation file (the loader's
+    clamped / dropped boxes, crowd regions and empty images included)."""
+    import functools
+
+    import lightning as L
+
+    from lightning_modules import builders
+    from lightning_modules.datamodule import DetectionDataModule
+    from lightning_modules.detection_module import DetectionModule
+
+    ann_file, _ = _small_object_coco(tmp_path / "coco")
+    dm = DetectionDataModule(root=str(tmp_path / "coco"), num_classes=3, train_split="s", val_split="s",
+                             min_size=72, max_size=96, batch_size=3, num_workers=0, with_masks=True)
+    module = DetectionModule(_StubDetector(), functools.partial(torch.optim.SGD, lr=0.01))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.test(module, datamodule=dm, verbose=False)
+    paths = builders.write_outputs(tmp_path / "out", module, {})
+    saved = json.loads(paths["metrics"].read_text())
+    for t in ("bbox", "segm"):
+        ref = evaluate_results_with_pycocotools(ann_file, paths[f"detections_{t}"], t)
+        assert 0.05 < ref[f"{t}/AP"] < 0.95
+        _assert_close(saved, ref, [f"{t}/{n}" for n in METRIC_NAMES])
