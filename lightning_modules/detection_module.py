@@ -97,6 +97,11 @@ class DetectionModule(L.LightningModule):
                     f"the dataset has {len(ids)} categories but the detector was built for {self.net.num_classes}"
                 )
             self.category_ids = list(ids)
+        # metrics against the annotation file itself, as pycocotools scores the written results file
+        for ev, ds in ((self.val_evaluator, getattr(dm, "val_dataset", None)),
+                       (self.test_evaluator, getattr(dm, "test_dataset", None))):
+            if getattr(ds, "coco", None) is not None:
+                ev.set_ground_truth(ds.coco)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> Tensor:
@@ -131,7 +136,8 @@ class DetectionModule(L.LightningModule):
         preds = [to_original_coords(p, t, self.net.with_masks) for p, t in zip(preds, targets)]
         gts = []
         for t in targets:
-            gt = {"boxes": t["orig_boxes"], "labels": t["labels"], "iscrowd": t["iscrowd"], "area": t["area"]}
+            gt = {"boxes": t["orig_boxes"], "labels": t["labels"], "iscrowd": t["iscrowd"], "area": t["area"],
+                  "image_id": t["image_id"]}
             if self.net.with_masks:
                 gt["masks"] = t["orig_masks"].bool()
             gts.append(gt)
