@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 log = logging.getLogger("pyramidlab")
 
@@ -55,6 +55,11 @@ class PlotCurves(L.Callback):
                 for lg in trainer.loggers:
                     if isinstance(lg, WandbLogger):
                         lg.log_image("curves", [str(path)])
+                    elif isinstance(lg, TensorBoardLogger):
+                        from torchvision.io import ImageReadMode, decode_image
+
+                        image = decode_image(str(path), mode=ImageReadMode.RGB)
+                        lg.experiment.add_image("curves", image, trainer.global_step, dataformats="CHW")
 
     def plot(self, trainer) -> Path | None:
         import matplotlib
@@ -69,7 +74,8 @@ class PlotCurves(L.Callback):
             steps, vals = zip(*pts)
             w = max(1, min(self.window, len(vals) // 5 or 1))
             smooth = [sum(vals[max(0, i - w + 1): i + 1]) / len(vals[max(0, i - w + 1): i + 1]) for i in range(len(vals))]
-            a.plot(steps, smooth, label=name, lw=1.5 if name == "loss" else 1)
+            # a one-point series has no line to draw: a marker keeps a short run's panel from looking empty
+            a.plot(steps, smooth, label=name, lw=1.5 if name == "loss" else 1, marker="o" if len(vals) == 1 else None)
         a.set(xlabel="optimizer step", ylabel="loss", title="training losses (smoothed)", yscale="log")
         a.legend(fontsize=8)
         for name, pts in sorted(self.ap.items()):

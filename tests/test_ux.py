@@ -1,0 +1,151 @@
+"""A researcher's day: predict on image files, validation images, sweep resume, console, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lightning_modules import builders as B
+from tests.conftest import TINY, compose_cfg, small_neck
+
+SHAPES_IDS = [1, 2, 3, 5, 7, 8, 11, 13]
+
+
+def save_detector_checkpoint(tmp: Path, shapes_root: Path, overrides: list[str]) -> Path:
+    """A pyramidlab checkpoint of an untrained tiny detector (what training stores: net.*, config, ids)."""
+    cfg = compose_cfg("train", TINY + small_neck("fpn") + overrides, tmp, shapes_root)
+    torch.manual_seed(0)
+    net = B.build_net(cfg)
+    path = tmp / "tiny.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                "pyramidlab_config": B.resolved_config(cfg), "category_ids": SHAPES_IDS}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def retinanet_ckpt(tmp_path_factory, shapes_root) -> Path:
+    return save_detector_checkpoint(tmp_path_factory.mktemp("ckpt"), shapes_root, [])
+
+
+# ------------------------------------------------------------------------------ predict
+def test_predict_draws_every_image_and_writes_coco_results(tmp_path, shapes_root, retinanet_ckpt):
+    from torchvision.io import decode_image
+
+    from lightning_modules.predict import predict
+    from lightning_modules.visualize import class_color
+
+    src = shapes_root / "val"
+    files = sorted(src.glob("*.jpg"))
+    # threshold 0 and one detection per image: an untrained model still puts exactly one box on each
+    cfg = compose_cfg("predict", [f"ckpt_path={retinanet_ckpt}", f"input={src}", "score_threshold=0.0",
+                                  "max_detections=1", "box_width=1"], tmp_path)
+    paths = predict(cfg)
+    out = tmp_path / "out"
+    written = sorted((out / "images").glob("*.png"))
+    assert [p.stem for p in written] == [f.stem for f in files]
+    dets = json.loads((out / "detections_bbox.json").read_text())
+    index = json.loads((out / "images.json").read_text())
+    assert [i["file_name"] for i in index] == [str(f) for f in files]
+    assert sorted(d["image_id"] for d in dets) == list(range(len(files)))
+    assert paths["detections_bbox"] == out / "detections_bbox.json"
+    for det in dets:
+        original = decode_image(str(files[det["image_id"]]))
+        drawn = decode_image(str(written[det["image_id"]]))
+        assert drawn.shape == original.shape  # drawn in the file's own pixels
+        assert det["category_id"] in SHAPES_IDS and 0.0 <= det["score"] <= 1.0
+        x, y, w, h = det["bbox"]
+        # the box's left edge, halfway down, has the class colour (the label text sits inside the box)
+        color = class_color(SHAPES_IDS.index(det["category_id"]))
+        assert tuple(drawn[:, int(y + h / 2), int(x)].tolist()) == color
+
+
+def test_predict_single_file_and_bad_input(tmp_path, retinanet_ckpt, shapes_root):
+    from lightning_modules.predict import predict
+
+    image = next((shapes_root / "val").glob("*.jpg"))
+    cfg = compose_cfg("predict", [f"ckpt_path={retinanet_ckpt}", f"input={image}"], tmp_path)
+    predict(cfg)
+    assert (tmp_path / "out" / "images" / f"{image.stem}.png").is_file()
+    cfg = compose_cfg("predict", [f"ckpt_path={retinanet_ckpt}", f"input={tmp_path / 'nope'}"], tmp_path)
+    with pytest.raises(FileNotFoundError, match="input=.*nope: no such file or folder"):
+        predict(cfg)
+    cfg = compose_cfg("predict", [f"ckpt_path={retinanet_ckpt}", f"input={image}", "score_threshold=2"], tmp_path)
+    with pytest.raises(ValueError, match=r"score_threshold=2.0: expected a score in \[0, 1\]"):
+        predict(cfg)
+
+
+def test_draw_detections_masks_and_order():
+    from lightning_modules.visualize import class_color, draw_detections
+
+    image = torch.zeros(3, 40, 50, dtype=torch.uint8)
+    masks = torch.zeros(2, 40, 50, dtype=torch.bool)
+    masks[0, 30:35, 40:45] = True
+    pred = {"boxes": torch.tensor([[2.0, 2.0, 20.0, 20.0], [5.0, 5.0, 30.0, 25.0]]),
+            "labels": torch.tensor([0, 3]), "scores": torch.tensor([0.9, 0.5]), "masks": masks}
+    out = draw_detections(image, pred, ["a", "b", "c", "d"], box_width=1, mask_alpha=1.0)
+    assert out.shape == image.shape and out.dtype == torch.uint8
+    assert tuple(out[:, 32, 42].tolist()) == class_color(0)  # mask of label 0, opaque
+    # the higher score is drawn last: where the two outlines cross, label 0's colour wins
+    assert tuple(out[:, 20, 5].tolist()) == class_color(0)
+    assert tuple(out[:, 25, 30].tolist()) == class_color(3)
+
+
+# ------------------------------------------------------------------------ val images
+def test_validation_images_to_run_dir_and_tensorboard(tmp_path, shapes_root):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_modules.train import train
+
+    # debug=limit, one epoch of one batch (fast_dev_run would replace the loggers with a dummy)
+    over = TINY + small_neck("fpn") + ["debug=limit", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+                                       "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+                                       "logger=tensorboard", "callbacks.val_images.num_images=2"]
+    cfg = compose_cfg("train", over, tmp_path, shapes_root)
+    train(cfg)
+    pngs = sorted((tmp_path / "out" / "val_images").glob("step*.png"))
+    assert len(pngs) == 1
+    from torchvision.io import decode_image
+
+    grid = decode_image(str(pngs[0]))
+    # two rows (ground truth | predictions) of the resized val images: 96 px short side, <= 128 long
+    assert grid.shape[0] == 3 and 2 * 96 <= grid.shape[1] <= 2 * 128 + 4 and grid.shape[2] >= 2 * 96
+    events = sorted((tmp_path / "out").glob("**/events.out.tfevents.*"))
+    assert events
+    tags = set()
+    for e in events:
+        acc = EventAccumulator(str(e), size_guidance={"images": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()["images"])
+    assert {"val/images/0", "val/images/1"} <= tags
+    assert "curves" in tags  # the training curves figure reaches TensorBoard too
+
+
+def test_validation_images_off_with_zero(tmp_path, shapes_root):
+    from lightning_modules.train import train
+
+    over = TINY + small_neck("fpn") + ["debug=fdr", "callbacks.val_images.num_images=0"]
+    train(compose_cfg("train", over, tmp_path, shapes_root))
+    assert not (tmp_path / "out" / "val_images").exists()
+    assert OmegaConf.select(compose_cfg("train", [], tmp_path), "callbacks.val_images.num_images") == 4
+
+
+# ------------------------------------------------------------------------------ debug
+@pytest.mark.parametrize("debug", ["fdr", "limit", "profiler", "overfit"])
+def test_debug_configs_write_to_runs_debug(tmp_path, debug):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", [f"debug={debug}"], return_hydra_config=True)
+    assert cfg.hydra.run._get_node("dir")._value().startswith("${paths.log_dir}/debug/${task_name}/")
+    assert cfg.hydra.sweep._get_node("dir")._value().startswith("${paths.log_dir}/debug/${task_name}/multirun_")
+    assert cfg.data.num_workers == 0
+    if debug == "limit":
+        assert cfg.trainer.limit_train_batches == 3 and cfg.trainer.max_epochs == 2
+    if debug == "profiler":
+        assert cfg.trainer.profiler._target_.endswith("SimpleProfiler")
