@@ -698,3 +698,89 @@ def test_test_step_metrics_equal_pycocotools_on_detections_files(tmp_path):
         ref = evaluate_results_with_pycocotools(ann_file, paths[f"detections_{t}"], t)
         assert 0.05 < ref[f"{t}/AP"] < 0.95
         _assert_close(saved, ref, [f"{t}/{n}" for n in METRIC_NAMES])
+
+
+# ------------------------------------------------------------------------- backend parity (issue 18)
+
+_PARITY_CASES = {
+    # name: (n_images, (H, W), box side range in px, crowd share, empty images, detections per image)
+    "crowd": ((8, (60, 80), (4, 40), 0.3, 0, 12)),
+    "empty_images": ((10, (60, 80), (4, 40), 0.0, 4, 10)),
+    "tiny_boxes": ((8, (40, 40), (0.3, 4), 0.1, 1, 15)),
+    "huge_boxes": ((3, (700, 1000), (250, 1000), 0.1, 1, 6)),
+    "over_100_detections": ((3, (80, 100), (3, 60), 0.1, 0, 180)),
+}
+
+
+def _parity_case(name, seed=0):
+    """A COCO ground-truth dict (non-contiguous image and category ids, polygons, uncompressed-RLE crowd
+    regions) and predictions in original pixels: jittered ground truth and false positives with masks."""
+    n_images, (h, w), (lo, hi), crowd_share, n_empty, n_dets = _PARITY_CASES[name]
+    g = np.random.default_rng(seed)
+    cat_ids = [2, 9, 40]
+    images, anns, preds = [], [], []
+
+    def box():
+        bw, bh = np.exp(g.uniform(np.log(lo), np.log(hi), 2))
+        bw, bh = min(bw, w), min(bh, h)
+        x, y = g.uniform(0, w - bw), g.uniform(0, h - bh)
+        return np.array([x, y, x + bw, y + bh])
+
+    def mask_of(b):
+        m = np.zeros((h, w), dtype=bool)
+        x1, y1, x2, y2 = b
+        m[int(y1) : max(int(np.ceil(y2)), int(y1) + 1), int(x1) : max(int(np.ceil(x2)), int(x1) + 1)] = True
+        return m
+
+    for i in range(n_images):
+        image_id = 3 + 11 * i
+        images.append({"id": image_id, "height": h, "width": w})
+        gt_boxes = [] if i < n_empty else [box() for _ in range(int(g.integers(2, 9)))]
+        labels = g.integers(0, 3, len(gt_boxes))
+        for b, lab in zip(gt_boxes, labels):
+            x1, y1, x2, y2 = b
+            crowd = bool(g.random() < crowd_share)
+            ann = {"id": 5 + 2 * len(anns), "image_id": image_id, "category_id": cat_ids[lab],
+                   "bbox": [x1, y1, x2 - x1, y2 - y1], "iscrowd": int(crowd)}
+            if crowd:
+                m = mask_of(b).astype(np.uint8)
+                ann["segmentation"] = _uncompressed_rle(m)
+                ann["area"] = float(m.sum())
+            else:
+                ann["segmentation"] = [[x1, y1, x2, y1, x2, y2, x1, y2]]
+                ann["area"] = float((x2 - x1) * (y2 - y1))
+            anns.append(ann)
+        p_boxes, p_labels = [], []
+        for b, lab in zip(gt_boxes, labels):
+            if g.random() < 0.8:
+                side = np.array([b[2] - b[0], b[3] - b[1]] * 2)
+                p_boxes.append(np.clip(b + g.normal(0, 0.05, 4) * side, 0, [w, h, w, h]))
+                p_labels.append(int(lab) if g.random() < 0.85 else int(lab + 1) % 3)
+        n_tp = len(p_boxes)
+        while len(p_boxes) < n_dets:
+            p_boxes.append(box())
+            p_labels.append(int(g.integers(0, 3)))
+        p_boxes = np.array(p_boxes)
+        p_boxes[:, 2:] = np.maximum(p_boxes[:, 2:], p_boxes[:, :2] + 0.01)
+        masks = torch.from_numpy(np.stack([mask_of(b) for b in p_boxes]))
+        # hits score higher on average than false positives, some of them below the 100th detection
+        scores = np.concatenate([g.uniform(0.3, 1, n_tp), g.uniform(0.01, 0.7, len(p_boxes) - n_tp)])
+        scores[:: 7] = 0.5  # ties: the order among equal scores must be the same in every backend
+        preds.append(_pred(p_boxes.tolist(), scores.tolist(), p_labels, masks=masks))
+    gt = {"images": images, "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in cat_ids]}
+    return gt, preds, [im["id"] for im in images]
+
+
+@pytest.mark.parametrize("case", sorted(_PARITY_CASES))
+def test_every_backend_matches_pycocotools_on_all_12_numbers(case):
+    gt, preds, image_ids = _parity_case(case)
+    bbox, segm = coco_results(preds, image_ids, [2, 9, 40], with_masks=True)
+    ref = {**evaluate_results_with_pycocotools(gt, bbox, "bbox"), **evaluate_results_with_pycocotools(gt, segm, "segm")}
+    assert ref["bbox/AP"] > 0.02 and ref["segm/AP"] > 0.01  # not a degenerate case
+    for backend in BACKENDS:
+        ev = CocoEvaluator(("bbox", "segm"), backend, ground_truth=gt)
+        ev.update(preds, [{"image_id": i} for i in image_ids])
+        m = ev.compute()
+        assert set(m) == set(ref)
+        for k in ref:
+            assert m[k] == pytest.approx(ref[k], abs=TOL), (backend, k, m[k], ref[k])
