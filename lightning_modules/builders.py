@@ -23,7 +23,7 @@ from detection.detectors import Detector, parameter_summary
 from detection.evaluation import metrics_table, write_json_atomic
 from lightning_modules import hydra_callbacks as H
 from lightning_modules.callbacks import RestoreTrainLoaderState
-from lightning_modules.detection_module import DetectionModule
+from lightning_modules.detection_module import DetectionModule, tta_settings
 
 log = logging.getLogger("pyramidlab")
 console = Console()
@@ -50,6 +50,7 @@ def build_module(cfg: DictConfig, net: Detector) -> DetectionModule:
         optimizer=build_optimizer(cfg),
         scheduler=OmegaConf.to_container(cfg.optim.scheduler, resolve=True),
         eval_backend=cfg.eval.backend,
+        tta=tta_settings(cfg.eval.get("tta"), cfg.data.max_size if cfg.get("data") else None),
     )
 
 

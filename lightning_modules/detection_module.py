@@ -6,40 +6,51 @@ import functools
 import math
 import statistics
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from detection.detectors import Detector
 from detection.evaluation import CocoEvaluator, coco_results
+from detection.tta import merge_views, to_original_coords, tta_views, view_image
 from lightning_modules.schedules import warmup_cosine_factor, warmup_multistep_factor
 
 SCHEDULES = ("step", "cosine", "constant")
 
 
-def to_original_coords(pred: dict, target: dict, with_masks: bool, mask_threshold: float = 0.5) -> dict:
-    """Map one image's predictions from the resized input back to original pixels.
+def tta_settings(tta: Mapping[str, Any] | None, data_max_size: int | None) -> dict[str, Any] | None:
+    """The module's ``tta`` argument from the ``eval.tta`` config node; None when TTA is off.
 
-    ``target['size']`` is the network input size (H, W) and ``target['orig_size']`` the
-    file's; boxes scale per axis, masks (N, 1, H, W) are resized and thresholded.
+    ``eval.tta.max_size`` null means ``data.max_size`` (the loader's longer-side cap). Errors
+    name the ``eval.tta.*`` key.
     """
-    h, w = (int(v) for v in target["size"])
-    h0, w0 = (int(v) for v in target["orig_size"])
-    sx, sy = w0 / w, h0 / h
-    boxes = pred["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=pred["boxes"].dtype, device=pred["boxes"].device)
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w0)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h0)
-    out = {"boxes": boxes, "scores": pred["scores"], "labels": pred["labels"]}
-    if with_masks:
-        masks = pred["masks"]
-        if masks.numel():
-            masks = F.interpolate(masks.float(), size=(h0, w0), mode="bilinear", align_corners=False)
-        else:
-            masks = masks.new_zeros((0, 1, h0, w0))
-        out["masks"] = masks[:, 0] > mask_threshold
+    if not tta or not (tta.get("scales") or tta.get("flip")):
+        return None
+    unknown = sorted(set(tta) - {"scales", "flip", "iou_threshold", "max_detections", "max_size"})
+    if unknown:
+        raise ValueError(f"eval.tta: unknown keys {unknown}; expected scales, flip, iou_threshold, "
+                         "max_detections, max_size")
+    scales = tta.get("scales")
+    if scales is not None and (isinstance(scales, str | int) or not isinstance(scales, Sequence)):
+        raise ValueError(f"eval.tta.scales={scales!r}: expected a list of shorter sides, e.g. [600,800,1000]")
+    out = {
+        "scales": list(scales or []),
+        "flip": bool(tta.get("flip", False)),
+        "iou_threshold": float(tta.get("iou_threshold", 0.5)),
+        "max_detections": int(tta.get("max_detections", 100)),
+        "max_size": tta.get("max_size") if tta.get("max_size") is not None else data_max_size,
+    }
+    if not 0 < out["iou_threshold"] <= 1:
+        raise ValueError(f"eval.tta.iou_threshold={out['iou_threshold']}: expected a value in (0, 1]")
+    if out["max_detections"] < 1:
+        raise ValueError(f"eval.tta.max_detections={out['max_detections']}: expected a positive number")
+    try:
+        tta_views(out["scales"], out["flip"], out["max_size"])
+    except ValueError as e:
+        raise ValueError(f"eval.tta.{e}") from None
     return out
 
 
@@ -55,6 +66,9 @@ class DetectionModule(L.LightningModule):
         eval_backend: ``faster_coco_eval`` (default) or ``pycocotools``.
         category_ids: original dataset category id of each contiguous label (for the
             detections file); the datamodule provides it at fit/test time if None.
+        tta: test-time augmentation of the test step (``eval.tta``; see :func:`tta_settings`):
+            ``scales`` (shorter sides), ``flip``, ``iou_threshold``, ``max_detections``,
+            ``max_size``. None or neither scales nor flip: plain evaluation.
     """
 
     def __init__(
@@ -64,6 +78,7 @@ class DetectionModule(L.LightningModule):
         scheduler: dict | None = None,
         eval_backend: str = "faster_coco_eval",
         category_ids: list[int] | None = None,
+        tta: dict | None = None,
     ) -> None:
         super().__init__()
         self.net = net
@@ -79,6 +94,9 @@ class DetectionModule(L.LightningModule):
         self.val_evaluator = CocoEvaluator(iou_types=iou_types, backend=eval_backend)
         self.test_evaluator = CocoEvaluator(iou_types=iou_types, backend=eval_backend)
         self.category_ids = category_ids
+        self.tta = dict(tta) if tta and (tta.get("scales") or tta.get("flip")) else None
+        self.tta_views = tta_views(self.tta.get("scales"), bool(self.tta.get("flip")), self.tta.get("max_size")) \
+            if self.tta else None
         self.test_results: dict[str, list] = {"bbox": [], "segm": []}
         self.test_metrics: dict[str, float] = {}
         self.test_times_ms: list[float] = []  # model forward per image (incl. pre/post-processing)
@@ -122,18 +140,40 @@ class DetectionModule(L.LightningModule):
         return {"loss": loss, "terms": {k: v.detach() for k, v in losses.items()}}
 
     # ---------------------------------------------------------------- evaluation
-    def _predict_original(self, batch, timed: bool = False) -> tuple[list[dict], list[dict]]:
+    def _predict_tta(self, images: list[Tensor], targets: list[dict]) -> list[dict]:
+        """Every image in every TTA view (one batch per view), merged per image in original pixels."""
+        cfg, views = self.tta, self.tta_views
+        per_view, sizes = [], []
+        for view in views:
+            inputs = [
+                view_image(img, tuple(int(v) for v in t["orig_size"]), view, cfg.get("max_size"))
+                for img, t in zip(images, targets)
+            ]
+            per_view.append(self.net(inputs))
+            sizes.append([tuple(x.shape[-2:]) for x in inputs])
+        return [
+            merge_views(
+                [pv[i] for pv in per_view], [sz[i] for sz in sizes], views, tuple(int(v) for v in t["orig_size"]),
+                self.net.with_masks, iou_threshold=float(cfg.get("iou_threshold", 0.5)),
+                max_detections=int(cfg.get("max_detections", 100)),
+            )
+            for i, t in enumerate(targets)
+        ]
+
+    def _predict_original(self, batch, timed: bool = False, tta: bool = False) -> tuple[list[dict], list[dict]]:
         images, targets = batch
         if timed and images[0].is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        preds = self.net(images)
+        # with TTA the time covers all views and the merge (already in file pixels)
+        preds = self._predict_tta(images, targets) if tta else self.net(images)
         if timed:
             if images[0].is_cuda:
                 torch.cuda.synchronize()
             self.test_times_ms.append(1000 * (time.perf_counter() - start) / len(images))
             self.test_batch_size = max(self.test_batch_size, len(images))
-        preds = [to_original_coords(p, t, self.net.with_masks) for p, t in zip(preds, targets)]
+        if not tta:
+            preds = [to_original_coords(p, t, self.net.with_masks) for p, t in zip(preds, targets)]
         gts = []
         for t in targets:
             gt = {"boxes": t["orig_boxes"], "labels": t["labels"], "iscrowd": t["iscrowd"], "area": t["area"],
@@ -155,7 +195,7 @@ class DetectionModule(L.LightningModule):
             self.log("val/AP", metrics["bbox/AP"], prog_bar=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        preds, gts = self._predict_original(batch, timed=True)
+        preds, gts = self._predict_original(batch, timed=True, tta=self.tta is not None)
         self.test_evaluator.update(preds, gts)
         category_ids = self.category_ids or list(range(self.net.num_classes))
         image_ids = [int(t["image_id"]) for t in batch[1]]

@@ -31,6 +31,23 @@ def eval_data_config(cfg: DictConfig, stored: DictConfig) -> DictConfig:
     return data
 
 
+def tta_loader_data(data: DictConfig, tta: DictConfig | None) -> DictConfig:
+    """With multi-scale testing, the loader reads images at the largest scale (and the views' cap).
+
+    Each view is then resized from that image (downsampled, never upsampled from a smaller
+    copy). With one scale the loader reads at exactly that scale, so ``eval.tta.scales=[S]``
+    is plain evaluation at ``data.min_size=S``.
+    """
+    if not tta or not tta.get("scales"):
+        return data
+    data = OmegaConf.merge(data, {})  # a copy: the stored config is printed and logged as it was
+    with open_dict(data):
+        if tta.get("max_size") is not None:
+            data.max_size = int(tta.max_size)
+        data.min_size = max(int(s) for s in tta.scales)
+    return data
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     ckpt = B.load_checkpoint(cfg.ckpt_path)
     if "pyramidlab_config" not in ckpt:
@@ -52,8 +69,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ValueError(
             f"data.num_classes={data_cfg.num_classes} but the checkpoint's detector has {net.num_classes} classes"
         )
-    datamodule = B.build_datamodule(data_cfg, net.with_masks)
-    module = B.build_module(model_cfg, net)
+    module = B.build_module(OmegaConf.merge(model_cfg, {"data": data_cfg}), net)  # checks eval.tta first
+    datamodule = B.build_datamodule(tta_loader_data(data_cfg, cfg.eval.get("tta")), net.with_masks)
     module.category_ids = ckpt.get("category_ids")
     loggers = B.build_loggers(cfg, job_type="eval")
     exit_code = 1
