@@ -41,6 +41,7 @@ __all__ = [
     "collate_fn",
     "load_rgb_image",
     "num_categories_in",
+    "read_coco_json",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,16 +82,70 @@ def load_rgb_image(path: str | os.PathLike) -> Image.Image:
 
 def num_categories_in(ann_file: str | os.PathLike) -> int:
     """Number of categories listed in a COCO annotation file (reads the JSON, no index built)."""
+    return len(read_coco_json(ann_file).get("categories", []))
+
+
+def _duplicates(ids: list[Any]) -> list[Any]:
+    seen: set[Any] = set()
+    dup: list[Any] = []
+    for i in ids:
+        if i in seen and i not in dup:
+            dup.append(i)
+        seen.add(i)
+    return dup
+
+
+def read_coco_json(ann_file: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a COCO annotation file; every problem is one line naming the file.
+
+    Checks what pycocotools silently gets wrong: duplicated image ids (its index keeps the
+    last image, so one image's annotations get attached to another's file) and duplicated
+    annotation ids. An images-only file (COCO test-dev's ``image_info_test-dev2017.json``:
+    no ``annotations`` key) gets an empty ``annotations`` list: usable for prediction.
+
+    Returns:
+        The JSON object (``images``, ``annotations``, ``categories``, ...).
+
+    Raises:
+        ValueError: not JSON, truncated, not a COCO object, or duplicated ids.
+    """
     import json
 
-    with open(ann_file) as f:
-        return len(json.load(f).get("categories", []))
+    path = Path(ann_file)
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"annotation file {path} is not valid JSON (truncated or corrupt?): {e.msg} at line {e.lineno} "
+            f"column {e.colno}"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"annotation file {path} is not UTF-8 JSON: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"annotation file {path} is not COCO format: expected a JSON object with an 'images' list")
+    anns = data.setdefault("annotations", [])
+    if not isinstance(anns, list):
+        raise ValueError(f"annotation file {path}: 'annotations' must be a list, got {type(anns).__name__}")
+    for what, items in (("image", data["images"]), ("annotation", anns)):
+        missing = next((k for k, it in enumerate(items) if not isinstance(it, dict) or "id" not in it), None)
+        if missing is not None:
+            raise ValueError(f"annotation file {path}: {what} entry #{missing} has no 'id'")
+        dup = _duplicates([it["id"] for it in items])
+        if dup:
+            shown = ", ".join(str(i) for i in dup[:10]) + (f" (+{len(dup) - 10} more)" if len(dup) > 10 else "")
+            raise ValueError(f"annotation file {path}: duplicated {what} ids {shown}; every {what} id must be unique")
+    return data
 
 
 def _load_coco(ann_file: Path) -> COCO:
+    """pycocotools ``COCO`` from a file checked by :func:`read_coco_json`."""
+    coco = COCO()
+    coco.dataset = read_coco_json(ann_file)
     # pycocotools prints progress to stdout; keep logs clean.
     with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(ann_file))
+        coco.createIndex()
+    return coco
 
 
 class CocoDetection(Dataset):
@@ -222,9 +277,17 @@ class CocoDetection(Dataset):
             )
 
         ids = sorted(self.coco.imgs)
+        self.num_images_in_file = len(ids)
         if remove_images_without_annotations:
             ids = [i for i in ids if (self._anns[i]["iscrowd"] == 0).any()]
+        self.num_images_without_boxes = self.num_images_in_file - len(ids)
         self.ids: list[int] = ids
+        # Which images were skipped as unreadable, by position in the file: shared memory, so the
+        # DataLoader workers' skips are visible to the main process (counted once per image).
+        self._pos = {img_id: k for k, img_id in enumerate(sorted(self.coco.imgs))}
+        self._skipped = torch.zeros(max(len(self._pos), 1), dtype=torch.uint8)
+        if skip_bad_images:
+            self._skipped.share_memory_()
 
     # ----------------------------------------------------------------------------- index
     def __len__(self) -> int:
@@ -244,6 +307,24 @@ class CocoDetection(Dataset):
     def num_classes(self) -> int:
         return len(self.category_ids)
 
+    @property
+    def num_skipped_images(self) -> int:
+        """Distinct images skipped as unreadable so far, by every process reading this dataset."""
+        return int(self._skipped.sum())
+
+    def why_empty(self) -> str:
+        """Why the index holds no image (for a one-line error); ``""`` when it holds some."""
+        if self.ids:
+            return ""
+        if self.num_images_in_file == 0:
+            return "its 'images' list is empty"
+        if self.num_images_without_boxes:
+            return (
+                f"none of its {self.num_images_in_file} images has a usable training box "
+                f"({self.num_dropped_boxes} boxes dropped as empty or invalid; crowd boxes are not training targets)"
+            )
+        return f"the image limit (max images) keeps none of its {self.num_images_in_file} images"
+
     # ----------------------------------------------------------------------------- items
     def _masks(self, ann_ids: np.ndarray, h: int, w: int) -> np.ndarray:
         masks = np.zeros((len(ann_ids), h, w), dtype=np.uint8)
@@ -254,10 +335,17 @@ class CocoDetection(Dataset):
                 continue  # box-only annotation: empty mask
             if isinstance(seg, list):  # polygons
                 rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-            elif isinstance(seg.get("counts"), list):  # uncompressed RLE
-                rle = mask_utils.frPyObjects(seg, h, w)
-            else:  # compressed RLE
-                rle = seg
+            else:
+                size = [int(v) for v in seg.get("size", ())] if isinstance(seg, dict) else None
+                if size != [h, w]:
+                    # pycocotools would fail with a NumPy broadcast error that names nothing
+                    raise ValueError(
+                        f"annotation id {aid} in {self.ann_file}: RLE segmentation size "
+                        f"{seg.get('size') if isinstance(seg, dict) else seg!r} differs from its image "
+                        f"{self.coco.anns[aid].get('image_id')}'s [height, width] = [{h}, {w}]"
+                    )
+                # uncompressed RLE (counts as a list) is compressed first
+                rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg.get("counts"), list) else seg
             masks[k] = mask_utils.decode(rle)
         return masks
 
@@ -277,7 +365,10 @@ class CocoDetection(Dataset):
             if not self.skip_bad_images:
                 raise
             self.num_bad_images += 1
-            log.warning("skipping bad image (%d so far in this process): %s", self.num_bad_images, e)
+            pos = self._pos[img_id]
+            if not self._skipped[pos]:  # each skipped file named once in the log, not every epoch
+                self._skipped[pos] = 1
+                log.warning("skipping bad image (%d so far, data.skip_bad_images=true): %s", self.num_skipped_images, e)
             return None
 
         a = self._anns[img_id]
