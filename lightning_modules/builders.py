@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import netrc
 import os
@@ -23,20 +22,12 @@ from detection.detectors import Detector, parameter_summary
 from detection.evaluation import metrics_table, write_json_atomic
 from lightning_modules import hydra_callbacks as H
 from lightning_modules.callbacks import RestoreTrainLoaderState
+from lightning_modules.checkpoints import build_net, load_checkpoint, load_net_state  # noqa: F401 - re-exported
 from lightning_modules.detection_module import DetectionModule, tta_settings
+from lightning_modules.optim import build_optimizer
 
 log = logging.getLogger("pyramidlab")
 console = Console()
-
-
-def build_net(cfg: DictConfig) -> Detector:
-    """detector(backbone=partial body, neck=partial neck) -> Detector."""
-    for group in ("detector", "backbone", "neck"):
-        if cfg.get(group) is None:
-            raise ValueError(f"config group {group!r} is empty; choose one with {group}=NAME")
-    backbone = instantiate(cfg.backbone)
-    neck = instantiate(cfg.neck)
-    return instantiate(cfg.detector, backbone=backbone, neck=neck)
 
 
 def build_datamodule(data_cfg: DictConfig, with_masks: bool) -> L.LightningDataModule:
@@ -52,66 +43,6 @@ def build_module(cfg: DictConfig, net: Detector) -> DetectionModule:
         eval_backend=cfg.eval.backend,
         tta=tta_settings(cfg.eval.get("tta"), cfg.data.max_size if cfg.get("data") else None),
     )
-
-
-def _num_devices(tcfg: DictConfig) -> int:
-    """Processes per node that ``trainer.devices`` asks for, as Lightning counts them."""
-    devices = tcfg.get("devices", 1)
-    gpu = str(tcfg.get("accelerator", "cpu")) in ("gpu", "cuda")
-    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
-        devices = int(devices)
-    if devices in (-1, "auto"):
-        if not gpu:
-            if devices == "auto":
-                return 1  # Lightning's CPU "auto" is one process
-            raise ValueError("trainer.devices=-1 means all GPUs but trainer.accelerator is cpu; set a number")
-        if torch.cuda.device_count() < 1:
-            raise ValueError(f"trainer.devices={devices} counts the visible GPUs and there are none; set a number")
-        return torch.cuda.device_count()
-    if isinstance(devices, str) and "," in devices:
-        return len([d for d in devices.split(",") if d.strip()])
-    if isinstance(devices, int) and devices > 0:
-        return devices
-    if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
-        return len(devices)
-    raise ValueError(f"trainer.devices={devices!r}: expected a positive int, -1, 'auto' or a list of device ids")
-
-
-def total_batch_size(cfg: DictConfig) -> int:
-    """Images per optimizer step: batch × devices × nodes × gradient accumulation."""
-    tcfg = cfg.trainer
-    return (
-        int(cfg.data.batch_size)
-        * _num_devices(tcfg)
-        * int(tcfg.get("num_nodes", 1) or 1)
-        * int(tcfg.get("accumulate_grad_batches", 1) or 1)
-    )
-
-
-def build_optimizer(cfg: DictConfig, node: DictConfig | None = None) -> functools.partial:
-    """A partial optimizer from ``node`` (default ``cfg.optim.optimizer``), lr scaled if ``optim.scale_lr``.
-
-    The papers' "linearly scaled learning rate": ``lr × total batch / optim.base_batch_size``
-    (the configs' lr values are for 16 images, the reference 8 GPUs × 2). The total batch is
-    :func:`total_batch_size`. Every module builds its optimizers here (GAN stages pass their
-    generator / discriminator nodes), so scaling means the same thing everywhere.
-    """
-    node = cfg.optim.optimizer if node is None else node
-    opt = instantiate(node)
-    if not isinstance(opt, functools.partial):
-        raise ValueError(f"optimizer config {node.get('_target_')}: expected `_partial_: true` (a constructor "
-                         "waiting for the parameters)")
-    if not cfg.optim.get("scale_lr", False):
-        return opt
-    if "lr" not in opt.keywords:
-        raise ValueError("optim.scale_lr=true needs an explicit lr in the optimizer config")
-    base = int(cfg.optim.get("base_batch_size", 16))
-    if base <= 0:
-        raise ValueError(f"optim.base_batch_size={base}: expected a positive number of images")
-    total = total_batch_size(cfg)
-    lr = float(opt.keywords["lr"]) * total / base
-    log.info(f"optim.scale_lr: lr {opt.keywords['lr']} x {total} images per step / {base} = {lr:g}")
-    return functools.partial(opt.func, *opt.args, **{**opt.keywords, "lr": lr})
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -278,34 +209,3 @@ def report(module: DetectionModule, paths: dict[str, Path], ckpt: str | None) ->
 def params_entry(net: Detector) -> dict[str, Any]:
     s = parameter_summary(net)
     return {"params_total": s["params_total"], "params_trainable": s["params_trainable"]}
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint without executing pickled code (``weights_only``)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path: no such file: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file; say which
-        raise ValueError(f"ckpt_path: cannot load {path} as a weights-only checkpoint: {e}".splitlines()[0]) from e
-
-
-def load_net_state(net: torch.nn.Module, state: dict, source: str) -> None:
-    """Load ``state`` (keys ``net.*`` of a DetectionModule checkpoint) naming mismatching parts."""
-    state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
-    own = net.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shape:
-        def parts(keys: list[str]) -> list[str]:
-            return sorted({".".join(k.removeprefix("model.").split(".")[:3]) for k in keys})
-
-        detail = "; ".join(
-            f"{what}: {parts(keys)[:6]}"
-            for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shape))
-            if keys
-        )
-        raise ValueError(f"checkpoint {source} does not match the configured architecture — {detail}")
-    net.load_state_dict(state)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -16,9 +15,7 @@ from torch import Tensor
 from detection.detectors import Detector
 from detection.evaluation import CocoEvaluator, coco_results
 from detection.tta import merge_views, to_original_coords, tta_views, view_image
-from lightning_modules.schedules import warmup_cosine_factor, warmup_multistep_factor
-
-SCHEDULES = ("step", "cosine", "constant")
+from lightning_modules.optim import build_scheduler, check_finite, check_scheduler, iteration_budget
 
 
 def tta_settings(tta: Mapping[str, Any] | None, data_max_size: int | None) -> dict[str, Any] | None:
@@ -83,13 +80,7 @@ class DetectionModule(L.LightningModule):
         super().__init__()
         self.net = net
         self.optimizer_factory = optimizer
-        self.scheduler_cfg = dict(scheduler or {})
-        name = self.scheduler_cfg.get("name", "step")
-        if name not in SCHEDULES:
-            raise ValueError(f"optim.scheduler.name={name!r} is not known; choose one of {list(SCHEDULES)}")
-        lr = optimizer.keywords.get("lr") if isinstance(optimizer, functools.partial) else None
-        if lr is not None and not lr > 0:
-            raise ValueError(f"optim.optimizer.lr={lr} must be a positive number")
+        self.scheduler_cfg = check_scheduler(scheduler)
         iou_types = ("bbox", "segm") if net.with_masks else ("bbox",)
         self.val_evaluator = CocoEvaluator(iou_types=iou_types, backend=eval_backend)
         self.test_evaluator = CocoEvaluator(iou_types=iou_types, backend=eval_backend)
@@ -126,13 +117,7 @@ class DetectionModule(L.LightningModule):
         images, targets = batch
         losses = self.net(images, targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
-            raise FloatingPointError(
-                f"non-finite loss at epoch {self.current_epoch}, step {self.global_step}: "
-                f"{', '.join(bad)} = {[float(losses[k]) for k in bad]}; lower the learning rate or "
-                "lengthen the warmup (the last good checkpoint is kept)"
-            )
+        check_finite(f"epoch {self.current_epoch}, step {self.global_step}", losses)
         bs = len(images)
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
@@ -221,26 +206,8 @@ class DetectionModule(L.LightningModule):
 
     # ------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        cfg = self.scheduler_cfg
-        name = cfg.get("name", "step")
-        warmup = dict(warmup_iters=int(cfg.get("warmup_iters", 0)), warmup_ratio=float(cfg.get("warmup_ratio", 0.001)))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        per_epoch = max(1, math.ceil(total / max_epochs))
-        if name == "step":
-            milestones = [int(m * per_epoch) for m in cfg.get("milestones", [])]
-            fn = functools.partial(
-                warmup_multistep_factor, milestones=milestones, gamma=float(cfg.get("gamma", 0.1)), **warmup
-            )
-        elif name == "cosine":
-            fn = functools.partial(
-                warmup_cosine_factor, total=total, final_ratio=float(cfg.get("final_ratio", 0.01)), **warmup
-            )
-        else:
-            fn = functools.partial(warmup_multistep_factor, milestones=[], gamma=1.0, **warmup)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+        optimizer = self.optimizer_factory([p for p in self.net.parameters() if p.requires_grad])
+        scheduler = build_scheduler(optimizer, self.scheduler_cfg, *iteration_budget(self.trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------- checkpoints

@@ -28,9 +28,7 @@ Distributed training: a G step leaves D without gradients and vice versa, so DDP
 
 from __future__ import annotations
 
-import functools
 import math
-import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -41,27 +39,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.strategies import DDPStrategy
-from torch import Tensor, nn
+from torch import Tensor
 
 from detection.detectors import Detector
-from lightning_modules.detection_module import SCHEDULES, DetectionModule
-from lightning_modules.schedules import warmup_cosine_factor, warmup_multistep_factor
+from lightning_modules.compat import ddp_finds_unused_parameters
+from lightning_modules.detection_module import DetectionModule
+from lightning_modules.optim import build_scheduler, check_finite, check_scheduler, iteration_budget
 from srfgan import (
     ADV_WEIGHT,
     LEVEL_MATCHING,
     FeaturePatchDiscriminator,
     Generator,
-    SRFNeck,
     TargetNetwork,
     capture_outputs,
     degrade,
     degrade_images,
-    different_level_pairs,
     discriminator_accuracy,
     discriminator_loss,
+    generator_of,
     l1_loss,
-    same_level_pairs,
+    level_pairs,
+    pair_levels,
     scale_targets,
     srf_loss,
 )
@@ -70,173 +68,29 @@ from srfgan.degradation import DEGRADATIONS
 __all__ = [
     "STAGE1",
     "STAGE2",
-    "REUSE",
     "SRFGANModule",
     "SRFExtractorModule",
     "AdversarialSteps",
     "gan_optimizer_steps",
-    "build_lr_scheduler",
-    "check_finite",
-    "load_checkpoint_file",
-    "build_detector_from_config",
-    "detector_from_checkpoint",
-    "load_target_network",
     "check_gan_compatible",
-    "generator_of",
-    "load_generator",
-    "load_discriminator",
-    "load_extractor",
-    "freeze_generator",
-    "prepare_target_net",
-    "build_stage1_module",
-    "build_stage2_module",
     "feature_comparison_figure",
 ]
 
 STAGE1 = "stage 1 (SRF-GAN)"
 STAGE2 = "stage 2 (SRF extractor)"
-REUSE = ("none", "G", "M")
+# Lightning optimizer steps per GAN iteration: one D step + one G (or M) step (Lightning #17958)
+STEPS_PER_ITERATION = 2
 
 
-# --------------------------------------------------------------------------------------- schedules
 def gan_optimizer_steps(iterations: int) -> int:
     """Lightning optimizer steps for ``iterations`` GAN iterations (D step + G step each)."""
-    return 2 * int(iterations)
-
-
-def _iteration_budget(trainer: L.Trainer) -> tuple[int, int]:
-    """(total iterations, iterations per epoch) of a fit with two optimizer steps per batch."""
-    est = trainer.estimated_stepping_batches  # batches, capped by max_steps (which counts optimizer steps)
-    if trainer.max_steps is not None and trainer.max_steps > 0:
-        est = min(est, math.ceil(trainer.max_steps / 2))
-    total = max(1, int(est)) if math.isfinite(est) else 1
-    per_epoch = trainer.num_training_batches  # set up by estimated_stepping_batches
-    if not (isinstance(per_epoch, int | float) and math.isfinite(per_epoch) and per_epoch > 0):
-        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
-        per_epoch = math.ceil(total / epochs)
-    return total, max(1, int(per_epoch))
-
-
-def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any] | None, total: int, per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """The DetectionModule schedules (``step | cosine | constant`` + linear warmup), in iterations.
-
-    ``cfg``: ``name``, ``warmup_iters``, ``warmup_ratio``, ``milestones`` (epochs, for ``step``),
-    ``gamma``, ``final_ratio`` (for ``cosine``) — the same keys as ``optim.scheduler``.
-    """
-    cfg = dict(cfg or {})
-    name = cfg.get("name", "step")
-    if name not in SCHEDULES:
-        raise ValueError(f"scheduler.name={name!r} is not known; choose one of {list(SCHEDULES)}")
-    warmup = dict(warmup_iters=int(cfg.get("warmup_iters", 0)), warmup_ratio=float(cfg.get("warmup_ratio", 0.001)))
-    if name == "step":
-        milestones = [int(m * per_epoch) for m in cfg.get("milestones", [])]
-        fn = functools.partial(warmup_multistep_factor, milestones=milestones, gamma=float(cfg.get("gamma", 0.1)), **warmup)
-    elif name == "cosine":
-        fn = functools.partial(warmup_cosine_factor, total=total, final_ratio=float(cfg.get("final_ratio", 0.01)), **warmup)
-    else:
-        fn = functools.partial(warmup_multistep_factor, milestones=[], gamma=1.0, **warmup)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    return STEPS_PER_ITERATION * int(iterations)
 
 
 def _check_lr(factory: Callable, key: str) -> None:
-    lr = factory.keywords.get("lr") if isinstance(factory, functools.partial) else None
+    lr = getattr(factory, "keywords", {}).get("lr")
     if lr is not None and not lr > 0:
         raise ValueError(f"{key}.lr={lr} must be a positive number")
-
-
-# ------------------------------------------------------------------------------------------ guard
-def check_finite(stage: str, module: L.LightningModule, terms: Mapping[str, Tensor]) -> None:
-    """Divergence guard: raise at once, in one line, if any loss term is NaN or Inf.
-
-    Raised before the corresponding backward, so no parameter sees the bad value; the checkpoint
-    callbacks do not save on an exception, so the last good checkpoint stays on disk.
-    """
-    bad = [k for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())]
-    if bad:
-        values = [float(terms[k].detach().float().mean()) for k in bad]
-        raise FloatingPointError(
-            f"{stage}: non-finite loss at step {module.global_step // 2} (epoch {module.current_epoch}, "
-            f"optimizer step {module.global_step}): {', '.join(bad)} = {values}; lower the learning rate "
-            "or lengthen the warmup (the last good checkpoint is kept)"
-        )
-
-
-# ------------------------------------------------------------------------------------ checkpoints
-def load_checkpoint_file(path: str | Path, what: str) -> dict:
-    """Load a Lightning checkpoint with ``weights_only=True``; one-line errors naming ``what`` and the file."""
-    path = Path(str(path)).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: no such checkpoint: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: say which
-        raise ValueError(f"{what}: cannot load {path} as a weights-only checkpoint: {str(e).splitlines()[0]}") from e
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ValueError(f"{what}: {path} is not a Lightning checkpoint (no state_dict)")
-    return ckpt
-
-
-def build_detector_from_config(cfg: Mapping[str, Any]) -> Detector:
-    """``detector(backbone=partial body, neck=partial neck)`` from a (stored, resolved) config.
-
-    The body's ``weights_path`` is dropped: the weights come from the checkpoint, and the file the
-    stage-0 run started from need not exist where F is rebuilt.
-    """
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.create(dict(cfg))
-    for group in ("detector", "backbone", "neck"):
-        if cfg.get(group) is None:
-            raise ValueError(f"config group {group!r} is missing")
-    backbone_cfg = OmegaConf.merge(cfg.backbone, {"weights_path": None}) if "weights_path" in cfg.backbone else cfg.backbone
-    return instantiate(cfg.detector, backbone=instantiate(backbone_cfg), neck=instantiate(cfg.neck))
-
-
-def _load_prefixed(module: nn.Module, state: Mapping[str, Tensor], prefix: str, source: str, what: str) -> None:
-    """Strictly load ``state[prefix + k]`` into ``module``; one line naming the mismatching parts."""
-    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    own = module.state_dict()
-    missing = sorted(set(own) - set(sub))
-    unexpected = sorted(set(sub) - set(own))
-    shape = [k for k in own if k in sub and own[k].shape != sub[k].shape]  # module order: the first layer first
-    if missing or unexpected or shape:
-        parts = []
-        if shape:
-            k = shape[0]
-            parts.append(f"{k}: checkpoint {tuple(sub[k].shape)} vs configured {tuple(own[k].shape)} (+{len(shape) - 1} more)")
-        if missing:
-            parts.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
-        raise ValueError(f"{what}: {source} does not fit the configured model — {'; '.join(parts)}")
-    module.load_state_dict(sub)
-
-
-def detector_from_checkpoint(path: str | Path, what: str = "srf.target_ckpt") -> tuple[Detector, dict]:
-    """Rebuild a DetectionModule checkpoint's detector from its ``pyramidlab_config`` and load its weights."""
-    ckpt = load_checkpoint_file(path, what)
-    stored = ckpt.get("pyramidlab_config")
-    if not isinstance(stored, Mapping):
-        raise ValueError(f"{what}: {path} has no pyramidlab_config (expected a pyramidlab-train checkpoint)")
-    try:
-        net = build_detector_from_config(stored)
-    except Exception as e:  # noqa: BLE001 - hydra wraps errors over several lines
-        msg = " ".join(str(e).split())
-        raise ValueError(f"{what}: cannot rebuild the detector stored in {path}: {msg[:300]}") from e
-    _load_prefixed(net, ckpt["state_dict"], "net.", str(path), what)
-    return net, ckpt
-
-
-def load_target_network(path: str | Path, what: str = "srf.target_ckpt") -> TargetNetwork:
-    """F from a stage-0 DetectionModule checkpoint: its transform + body + FPN, frozen and in eval mode."""
-    net, _ = detector_from_checkpoint(path, what)
-    try:
-        return TargetNetwork.from_detector(net)
-    except ValueError as e:
-        raise ValueError(f"{what}: {path}: {e}") from e
 
 
 def check_gan_compatible(
@@ -332,13 +186,17 @@ class AdversarialSteps:
 
     def setup(self, stage: str) -> None:
         # Fail before training rather than at the first backward with DDP's multi-line error.
-        strategy = self.trainer.strategy
-        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+        if ddp_finds_unused_parameters(self.trainer.strategy) is False:
             raise ValueError(
                 f"trainer.strategy: {self.stage} alternates D and G steps, so each step leaves the other "
                 "network without gradients; use strategy=ddp_find_unused_parameters_true"
             )
         super().setup(stage)
+
+    def _where(self) -> str:
+        """The step a divergence is reported at: the iteration, the epoch and Lightning's optimizer step."""
+        return (f"step {self.global_step // STEPS_PER_ITERATION} (epoch {self.current_epoch}, "
+                f"optimizer step {self.global_step})")
 
     def _step(self, opt, loss: Tensor) -> None:
         """Backward through the precision plugin, optional manual clipping, one optimizer step."""
@@ -356,7 +214,7 @@ class AdversarialSteps:
             d_real = [self.discriminator(r) for r in real]
             d_fake = [self.discriminator(f.detach()) for f in fake]
             d_loss = discriminator_loss(d_real, d_fake)
-            check_finite(self.stage, self, {"d_loss": d_loss})
+            check_finite(self._where(), {"d_loss": d_loss}, self.stage)
             self._step(opt_d, d_loss)
         finally:
             self.untoggle_optimizer(opt_d)
@@ -381,7 +239,7 @@ class AdversarialSteps:
         try:
             srf = srf_loss(fake, real, self.discriminator, self.adv_weight)
             total = srf_weight * srf.total if extra_loss is None else extra_loss + srf_weight * srf.total
-            check_finite(self.stage, self, {**(extra_terms or {}), "l1": srf.l1, "adv": srf.adv})
+            check_finite(self._where(), {**(extra_terms or {}), "l1": srf.l1, "adv": srf.adv}, self.stage)
             self._step(opt_g, total)
         finally:
             self.untoggle_optimizer(opt_g)
@@ -463,8 +321,7 @@ class SRFGANModule(AdversarialSteps, L.LightningModule):
         self.discriminator = discriminator
         self.optimizer_g_factory = optimizer_g
         self.optimizer_d_factory = optimizer_d or optimizer_g
-        self.scheduler_cfg = dict(scheduler or {})
-        build_lr_scheduler(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), self.scheduler_cfg, 1, 1)
+        self.scheduler_cfg = check_scheduler(scheduler, "srf.stage1.scheduler")
         self.adv_weight = float(adv_weight)
         self.degradation = degradation
         self.scale = float(scale)
@@ -476,7 +333,7 @@ class SRFGANModule(AdversarialSteps, L.LightningModule):
     @property
     def iteration(self) -> int:
         """Completed iterations (batches): two optimizer steps each."""
-        return self.global_step // 2
+        return self.global_step // STEPS_PER_ITERATION
 
     @torch.no_grad()
     def target_pairs(self, images: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], tuple]:
@@ -529,8 +386,8 @@ class SRFGANModule(AdversarialSteps, L.LightningModule):
     def configure_optimizers(self) -> tuple[list, list]:
         opt_d = self.optimizer_d_factory([p for p in self.discriminator.parameters() if p.requires_grad])
         opt_g = self.optimizer_g_factory([p for p in self.generator.parameters() if p.requires_grad])
-        total, per_epoch = _iteration_budget(self.trainer)
-        schedulers = [build_lr_scheduler(o, self.scheduler_cfg, total, per_epoch) for o in (opt_d, opt_g)]
+        budget = iteration_budget(self.trainer, STEPS_PER_ITERATION)
+        schedulers = [build_scheduler(o, self.scheduler_cfg, *budget) for o in (opt_d, opt_g)]
         return [opt_d, opt_g], schedulers
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -551,16 +408,6 @@ class SRFGANModule(AdversarialSteps, L.LightningModule):
 
 
 # --------------------------------------------------------------------------------------- stage 2
-def generator_of(net: nn.Module, what: str = "neck") -> Generator:
-    """The SRF generator of a detector (``net.backbone.neck.generator``); one-line error if none."""
-    neck = net.backbone.neck
-    gen = neck.generator if isinstance(neck, SRFNeck) else None
-    if gen is None:
-        kind = f"{type(neck).__name__}" + (f"(upsample={type(neck.upsample).__name__})" if isinstance(neck, SRFNeck) else "")
-        raise ValueError(f"{what}: the detector's neck {kind} has no SRF generator; use neck=srf_fpn|srf_pafpn with neck.upsample=srf")
-    return gen
-
-
 class SRFExtractorModule(AdversarialSteps, DetectionModule):
     """Stage 2: the multi-scale SRF extractor M (a detector with an SRF neck) against D (Sec. 4.2).
 
@@ -578,9 +425,11 @@ class SRFExtractorModule(AdversarialSteps, DetectionModule):
         adv_weight: λ of Eq. 3. srf_weight: weight of L_SRF in L_INT (1 in the paper).
         degradation, scale: ↓s of the images (Table 6).
         level_matching: ``same`` — M's level i on I^lr vs nearest ↓s of F's level i on I^tr (Eq. 3,
-            the paper's choice); ``different`` — Table 7's ablation, see
-            :func:`srfgan.target.different_level_pairs` (M and F both see I^lr; G's map from level i
-            vs F's level i-1, no resampling).
+            the paper's choice); ``different`` — Table 7's ablation: M and F see the same image
+            (I^lr) and M's level i is compared with ↓s of F's level i-1 — the same M tensors at the
+            same resolution, only the target's semantic level differs (:func:`srfgan.target.level_pairs`).
+            Levels only one of M and F has are left out (Table 3: a Mask R-CNN extractor on P2-P5
+            against a RetinaNet F on P3-P5); ``self.pairs`` lists the compared (M, F) strides.
         test_degraded: evaluate ``test`` on ↓s images too (default: full resolution, how Table 4
             evaluates the extractor alone, A3). Validation is always on ↓s images: the AP of the task
             M is trained for.
@@ -621,26 +470,21 @@ class SRFExtractorModule(AdversarialSteps, DetectionModule):
         if not 0 < scale < 1:
             raise ValueError(f"srf.scale={scale} must be in (0, 1)")
         generator_of(net, "stage 2")
-        neck: SRFNeck = net.backbone.neck
+        neck = net.backbone.neck
         c = target.out_channels
         if neck.out_channels != c or discriminator.in_channels != c:
             raise ValueError(
                 f"{source}: F's levels have {c} channels but the extractor's neck has {neck.out_channels} "
                 f"and the discriminator takes {discriminator.in_channels}"
             )
-        strides = [int(s) for s in net.backbone.body.strides][: neck.num_top_down]
-        compared = strides if level_matching == "same" else strides[:-1]
-        if not compared:
+        strides = [int(s) for s in net.backbone.body.strides]
+        pairs = pair_levels(strides, target.strides, level_matching)
+        if not pairs:
             raise ValueError(
-                f"srf.level_matching={level_matching}: the extractor has {len(strides)} top-down level(s); "
-                "comparing G's maps with F's finer levels needs at least 2"
+                f"srf.level_matching={level_matching}: the extractor's levels (strides {strides}) and F's "
+                f"(strides {list(target.strides)}) have no level pair to compare"
             )
-        missing = [s for s in compared if s not in target.strides]
-        if missing:
-            raise ValueError(
-                f"{source}: F's top-down levels have strides {target.strides} but the extractor "
-                f"(level_matching={level_matching}) compares strides {compared}: {missing} unmatched"
-            )
+        self.pairs = pairs
         _check_lr(optimizer_d or optimizer, "optimizer_d")
         self.target = target
         self.discriminator = discriminator
@@ -662,7 +506,7 @@ class SRFExtractorModule(AdversarialSteps, DetectionModule):
 
     @property
     def iteration(self) -> int:
-        return self.global_step // 2
+        return self.global_step // STEPS_PER_ITERATION
 
     def degrade_batch(self, batch: tuple[list[Tensor], list[dict]]) -> tuple[list[Tensor], list[dict]]:
         """↓s of every image, boxes / masks / size scaled to match (``orig_*`` kept for COCO eval)."""
@@ -675,31 +519,27 @@ class SRFExtractorModule(AdversarialSteps, DetectionModule):
         return self.target.top_down(self.target(self.target.batch(images)))
 
     def srf_pairs(
-        self, images: Sequence[Tensor], lr_images: Sequence[Tensor], pyramid: Mapping[str, Tensor], generated: list[Tensor]
+        self, images: Sequence[Tensor], lr_images: Sequence[Tensor], pyramid: Mapping[str, Tensor]
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """(P^sr, target) per compared level, finest first, from one M forward's captured outputs."""
-        if self.level_matching == "same":
-            keys = list(pyramid)[: len(self.strides)]
-            ours = OrderedDict((s, pyramid[k]) for s, k in zip(self.strides, keys))
-            sr, tr, _ = same_level_pairs(ours, self._target_levels(images), self.scale)
-        else:
-            # G runs coarsest first; its output from level i has level i-1's stride
-            ours = OrderedDict(zip(self.strides[:-1], reversed(generated)))
-            sr, tr, _ = different_level_pairs(ours, self._target_levels(lr_images))
-        return sr, tr
+        """(P^sr, target) per compared level, finest first, from M's pyramid of one forward on I^lr.
 
-    def _forward_captured(self, fn: Callable[[], Any]) -> tuple[Any, Mapping[str, Tensor], list[Tensor]]:
-        """Run ``fn`` (a forward of ``net``) and return its result, M's pyramid and G's outputs of that pass."""
-        with capture_outputs(self.net.backbone) as pyramids, capture_outputs(self.generator) as generated:
+        F sees I^tr for ``same`` and I^lr for ``different`` (see ``level_matching``).
+        """
+        ours = OrderedDict((s, pyramid[k]) for s, k in zip(self.strides, pyramid))
+        target = self._target_levels(images if self.level_matching == "same" else lr_images)
+        return level_pairs(ours, target, self.pairs, self.scale)
+
+    def _forward_captured(self, fn: Callable[[], Any]) -> tuple[Any, Mapping[str, Tensor]]:
+        """Run ``fn`` (a forward of ``net``) and return its result and M's pyramid of that pass."""
+        with capture_outputs(self.net.backbone) as pyramids:
             out = fn()
-        n = len(self.strides) - 1
-        return out, pyramids[-1], list(generated[-n:]) if n > 0 else []
+        return out, pyramids[-1]
 
     def training_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> dict:
         images = batch[0]
         lr_images, lr_targets = self.degrade_batch(batch)
-        losses, pyramid, generated = self._forward_captured(lambda: self.net(lr_images, lr_targets))
-        fake, real = self.srf_pairs(images, lr_images, pyramid, generated)
+        losses, pyramid = self._forward_captured(lambda: self.net(lr_images, lr_targets))
+        fake, real = self.srf_pairs(images, lr_images, pyramid)
         out = self.adversarial_step(real, fake, sum(losses.values()), losses, self.srf_weight)
         bs = len(images)
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
@@ -710,8 +550,8 @@ class SRFExtractorModule(AdversarialSteps, DetectionModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         lr_batch = self.degrade_batch(batch)
-        _, pyramid, generated = self._forward_captured(lambda: DetectionModule.validation_step(self, lr_batch, batch_idx))
-        sr, tr = self.srf_pairs(batch[0], lr_batch[0], pyramid, generated)
+        _, pyramid = self._forward_captured(lambda: DetectionModule.validation_step(self, lr_batch, batch_idx))
+        sr, tr = self.srf_pairs(batch[0], lr_batch[0], pyramid)
         self.log("val/l1", l1_loss(sr, tr), batch_size=len(batch[0]), sync_dist=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
@@ -720,8 +560,8 @@ class SRFExtractorModule(AdversarialSteps, DetectionModule):
     def configure_optimizers(self) -> tuple[list, list]:  # type: ignore[override]
         opt_d = self.optimizer_d_factory([p for p in self.discriminator.parameters() if p.requires_grad])
         opt_m = self.optimizer_factory([p for p in self.net.parameters() if p.requires_grad])
-        total, per_epoch = _iteration_budget(self.trainer)
-        schedulers = [build_lr_scheduler(o, self.scheduler_cfg, total, per_epoch) for o in (opt_d, opt_m)]
+        budget = iteration_budget(self.trainer, STEPS_PER_ITERATION)
+        schedulers = [build_scheduler(o, self.scheduler_cfg, *budget) for o in (opt_d, opt_m)]
         return [opt_d, opt_m], schedulers
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -731,6 +571,7 @@ class SRFExtractorModule(AdversarialSteps, DetectionModule):
             "channels": self.target.out_channels,
             "strides": list(self.strides),
             "level_matching": self.level_matching,
+            "pairs": [list(p) for p in self.pairs],
             "generator": {
                 "channels": self.generator.channels,
                 "mid_channels": self.generator.mid_channels,
@@ -741,190 +582,3 @@ class SRFExtractorModule(AdversarialSteps, DetectionModule):
         }
 
 
-# ------------------------------------------------------------------------ weights between stages
-def _generator_prefix(state: Mapping[str, Tensor]) -> str | None:
-    """Where a checkpoint keeps G: ``generator.`` (stage 1) or the SRF neck's upsampler (stage 2/3)."""
-    if any(k.startswith("generator.") for k in state):
-        return "generator."
-    for k in state:
-        m = re.match(r"(net\..*\.neck\.(?:.*\.)?upsample\.)", k)
-        if m and "head." in k[len(m.group(1)):]:
-            return m.group(1)
-    return None
-
-
-def load_generator(net: nn.Module, path: str | Path, what: str = "srf.generator_ckpt") -> Generator:
-    """``reuse=G``: the generator of a stage-1 (or stage-2/3) checkpoint into ``net``'s SRF neck."""
-    gen = generator_of(net, what)
-    ckpt = load_checkpoint_file(path, what)
-    prefix = _generator_prefix(ckpt["state_dict"])
-    if prefix is None:
-        raise ValueError(f"{what}: {path} holds no SRF generator weights (expected a stage-1 or stage-2 checkpoint)")
-    _load_prefixed(gen, ckpt["state_dict"], prefix, str(path), what)
-    return gen
-
-
-def load_discriminator(discriminator: nn.Module, path: str | Path, what: str = "srf.discriminator_ckpt") -> nn.Module:
-    """D of a stage-1 (or stage-2) checkpoint, re-used by stage 2 (Sec. 5.1)."""
-    ckpt = load_checkpoint_file(path, what)
-    if not any(k.startswith("discriminator.") for k in ckpt["state_dict"]):
-        raise ValueError(f"{what}: {path} holds no discriminator weights (expected a stage-1 or stage-2 checkpoint)")
-    _load_prefixed(discriminator, ckpt["state_dict"], "discriminator.", str(path), what)
-    return discriminator
-
-
-# index of a neck ModuleList entry -> the top-down level it belongs to
-_NECK_LEVEL_LISTS = {"lateral_convs": 0, "output_convs": 0, "downsample_convs": 0, "pafpn_convs": 1}
-
-
-def load_extractor(net: Detector, path: str | Path, what: str = "srf.extractor_ckpt") -> list[str]:
-    """``reuse=M``: body + SRF neck (G included) of a stage-2 extractor into ``net`` (Sec. 4.3, Table 1/3).
-
-    The detector heads are not reused (the target detector's head may differ: Table 3). Neck
-    modules that belong to a pyramid level (lateral / output convs, PAFPN's convs) are matched by
-    stride, so an extractor on P2-P5 (Mask R-CNN) initialises a RetinaNet on P3-P7 at P3-P5. The body
-    and the generator must load completely; returns the ``net.backbone`` keys left at their
-    initialisation (e.g. RetinaNet's P6/P7 convs when the extractor had none).
-    """
-    generator_of(net, what)
-    ckpt = load_checkpoint_file(path, what)
-    meta = ckpt.get("srfgan") or {}
-    if meta.get("stage") != 2:
-        raise ValueError(f"{what}: {path} is not a stage-2 (SRF extractor) checkpoint")
-    prefix = "net.model.backbone."
-    src = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    src_strides = [int(s) for s in meta.get("strides", [])]
-    dst_strides = [int(s) for s in net.backbone.body.strides]
-    own = net.backbone.state_dict()
-    pattern = re.compile(r"^(neck\..*?)(" + "|".join(_NECK_LEVEL_LISTS) + r")\.(\d+)\.(.*)$")
-
-    def source_key(k: str) -> str | None:
-        m = pattern.match(k)
-        if not m:
-            return k
-        offset = _NECK_LEVEL_LISTS[m.group(2)]
-        i = int(m.group(3)) + offset
-        if i >= len(dst_strides) or dst_strides[i] not in src_strides:
-            return None
-        return f"{m.group(1)}{m.group(2)}.{src_strides.index(dst_strides[i]) - offset}.{m.group(4)}"
-
-    new_state, left = {}, []
-    for k, v in own.items():
-        sk = source_key(k)
-        if sk is not None and sk in src and src[sk].shape == v.shape:
-            new_state[k] = src[sk]
-        else:
-            left.append(k)
-    must = [k for k in left if k.startswith("body.") or ".upsample." in k]
-    if must:
-        detail = f"{must[0]}" + (f" (checkpoint {tuple(src[must[0]].shape)} vs configured {tuple(own[must[0]].shape)})" if must[0] in src else " (absent)")
-        raise ValueError(f"{what}: {path} does not fit the configured body / generator — {detail}, +{len(must) - 1} more")
-    net.backbone.load_state_dict(new_state, strict=False)
-    return left
-
-
-def freeze_generator(net: nn.Module) -> Generator:
-    """Table 4's FR: G keeps its weights (requires_grad False) and BatchNorm statistics (eval) in training."""
-    gen = generator_of(net, "freeze_generator")
-    for p in gen.parameters():
-        p.requires_grad_(False)
-    gen.frozen = True
-    gen.eval()
-    return gen
-
-
-def prepare_target_net(
-    net: Detector, reuse: str = "G", checkpoint: str | Path | None = None, freeze: bool = False
-) -> list[str]:
-    """Stage 3: initialise the target detector's SRF neck from stage 1 (``G``) or stage 2 (``M``).
-
-    ``reuse='none'`` keeps the initialisation (the SRF generator trained with the detector only).
-    Returns the backbone keys left at initialisation for ``M`` (empty otherwise).
-    """
-    if reuse not in REUSE:
-        raise ValueError(f"srf.reuse={reuse!r} is not known; choose one of {list(REUSE)}")
-    left: list[str] = []
-    if reuse != "none" and checkpoint in (None, ""):
-        raise ValueError(f"srf.reuse={reuse} needs a checkpoint (stage {1 if reuse == 'G' else 2})")
-    if reuse == "G":
-        load_generator(net, checkpoint)  # type: ignore[arg-type]
-    elif reuse == "M":
-        left = load_extractor(net, checkpoint)  # type: ignore[arg-type]
-    if freeze:
-        freeze_generator(net)
-    return left
-
-
-# -------------------------------------------------------------------------------- config builders
-def _resolved(cfg: Any) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
-
-
-def _srf_node(cfg: Any) -> Any:
-    """The SRF-GAN settings: ``cfg.srf`` (pyramidlab-srfgan: ``- srfgan@srf: default``) or ``cfg.srfgan``."""
-    for key in ("srf", "srfgan"):
-        node = cfg.get(key)
-        if node is not None:
-            return node
-    raise ValueError("config node 'srf' is missing; add `- srfgan@srf: default` to the defaults (or +srfgan@srf=default)")
-
-
-def _neck_channels(cfg: Any) -> int:
-    neck = cfg.neck
-    if neck.get("generator") is None or neck.get("base") is None:
-        raise ValueError("neck: the SRF-GAN stages need an SRF neck config (neck=srf_fpn | srf_pafpn) for the generator")
-    return int(neck.get("out_channels") or neck.base.out_channels)
-
-
-def build_stage1_module(cfg: Any, target_ckpt: str | Path) -> SRFGANModule:
-    """Stage 1 from a composed config: F from ``target_ckpt``, G from ``cfg.neck.generator`` (the same
-    generator config as the stage-3 neck, so its weights fit), D and the optimisation from ``cfg.srf``
-    (``conf/srfgan/default.yaml``).
-    """
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    srf = _srf_node(cfg)
-    channels = _neck_channels(cfg)
-    target = load_target_network(target_ckpt)
-    generator = instantiate(cfg.neck.generator)(channels=channels)
-    discriminator = instantiate(srf.discriminator)(in_channels=channels)
-    module = SRFGANModule(
-        target, generator, discriminator,
-        optimizer_g=instantiate(srf.stage1.optimizer_g), optimizer_d=instantiate(srf.stage1.optimizer_d),
-        scheduler=OmegaConf.to_container(srf.stage1.scheduler, resolve=True),
-        adv_weight=float(srf.adv_weight), degradation=str(srf.degradation), scale=float(srf.scale),
-        gradient_clip=srf.get("gradient_clip"), source=str(target_ckpt),
-    )
-    module.run_config = _resolved(cfg)
-    return module
-
-
-def build_stage2_module(cfg: Any, target_ckpt: str | Path, stage1_ckpt: str | Path | None) -> SRFExtractorModule:
-    """Stage 2 from a composed config: the extractor from ``cfg.detector/backbone/neck`` (an SRF neck),
-    its G and D from ``stage1_ckpt`` (None: from scratch, which the paper reports diverging), F from
-    ``target_ckpt``, M's optimizer from ``cfg.optim``, D's and the loss settings from ``cfg.srf``.
-    """
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    srf = _srf_node(cfg)
-    target = load_target_network(target_ckpt)
-    net = build_detector_from_config(cfg)
-    discriminator = instantiate(srf.discriminator)(in_channels=int(net.backbone.out_channels))
-    if stage1_ckpt not in (None, ""):
-        load_generator(net, stage1_ckpt, "srf.stage1_ckpt")
-        load_discriminator(discriminator, stage1_ckpt, "srf.stage1_ckpt")
-    module = SRFExtractorModule(
-        net, target, discriminator,
-        optimizer=instantiate(cfg.optim.optimizer), optimizer_d=instantiate(srf.stage2.optimizer_d),
-        scheduler=OmegaConf.to_container(cfg.optim.scheduler, resolve=True),
-        adv_weight=float(srf.adv_weight), srf_weight=float(srf.stage2.get("srf_weight", 1.0)),
-        degradation=str(srf.degradation), scale=float(srf.scale), level_matching=str(srf.level_matching),
-        eval_backend=str(cfg.eval.backend) if cfg.get("eval") else "faster_coco_eval",
-        gradient_clip=srf.get("gradient_clip"), source=str(target_ckpt),
-    )
-    module.run_config = _resolved(cfg)
-    return module

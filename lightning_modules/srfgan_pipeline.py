@@ -31,14 +31,23 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from detection.detectors import count_parameters
+from detection.detectors import Detector, count_parameters
 from detection.evaluation import write_json_atomic
 from lightning_modules import builders as B
 from lightning_modules import hydra_callbacks as H
 from lightning_modules import srfgan_module as S
 from lightning_modules import train as T
+from lightning_modules.checkpoints import build_net, load_checkpoint, net_from_checkpoint
+from lightning_modules.optim import batch_scale, build_optimizer
 from lightning_modules.paths import CONF_DIR
 from lightning_modules.report import write_report
+from srfgan import (
+    TargetNetwork,
+    freeze_generator,
+    load_discriminator_state,
+    load_generator_state,
+    transfer_extractor,
+)
 
 log = logging.getLogger("pyramidlab")
 
@@ -62,6 +71,9 @@ DESCRIPTIONS = {
 }
 
 
+REUSE = ("none", "G", "M")
+
+
 def check_selection(cfg: DictConfig) -> tuple[list[int], list[str]]:
     stages = [int(s) for s in cfg.stages]
     bad = [s for s in stages if s not in STAGES]
@@ -74,13 +86,45 @@ def check_selection(cfg: DictConfig) -> tuple[list[int], list[str]]:
     return sorted(set(stages)), variants
 
 
-def stage_config(cfg: DictConfig, folder: Path, stage: str, max_epochs: int) -> DictConfig:
+def stage_length(cfg: DictConfig, stage: str) -> dict[str, Any]:
+    """The stage's length as trainer settings, from ``srf.<stage>``.
+
+    ``iterations`` (the SRF-GAN paper's unit, Sec. 5.1: "150k iterations", mini-batches of
+    ``optim.base_batch_size`` = 16 images) is converted to this run's total batch — ×16 / batch,
+    as are the scheduler's ``milestone_iters`` — and to Lightning optimizer steps (two per GAN
+    iteration). Else ``max_epochs``; ``null`` keeps ``trainer.max_epochs`` (the detector's own
+    schedule: 1x = 12 epochs at ``recipe=paper``, ``schedule=3x`` = 37).
+    Returns ``{"max_epochs": ..., "max_steps": ..., "milestone_iters": ..., "iterations": ...}``.
+    """
+    node = cfg.srf[stage]
+    iters = node.get("iterations")
+    if iters is not None:
+        scale = batch_scale(cfg)
+        if int(iters) <= 0:
+            raise ValueError(f"srf.{stage}.iterations={iters}: expected a positive number")
+        n = max(1, round(int(iters) / scale))
+        steps_per_iter = S.STEPS_PER_ITERATION if stage in ("stage1", "stage2") else 1
+        sched = node.get("scheduler") or {}
+        milestones = sched.get("milestone_iters")
+        milestones = None if milestones is None else [max(1, round(int(m) / scale)) for m in milestones]
+        return {"max_epochs": -1, "max_steps": steps_per_iter * n, "iterations": n, "milestone_iters": milestones}
+    epochs = node.get("max_epochs")
+    return {"max_epochs": int(cfg.trainer.max_epochs if epochs is None else epochs)}
+
+
+def stage_config(cfg: DictConfig, folder: Path, stage: str) -> DictConfig:
     """The run's config for one stage: outputs under ``folder``, the stage's length, no sweep."""
     scfg = copy.deepcopy(cfg)
+    length = stage_length(cfg, stage)
     with open_dict(scfg):
         scfg.paths.output_dir = str(folder)
         if not scfg.trainer.get("fast_dev_run"):
-            scfg.trainer.max_epochs = int(max_epochs)
+            scfg.trainer.max_epochs = length["max_epochs"]
+            if "max_steps" in length:
+                scfg.trainer.max_steps = length["max_steps"]
+                scfg.srf[stage].iterations_run = length["iterations"]
+                if length["milestone_iters"] is not None:
+                    scfg.srf[stage].scheduler.milestone_iters = length["milestone_iters"]
         scfg.task_name = stage
     return scfg
 
@@ -120,6 +164,108 @@ def gan_trainer_config(cfg: DictConfig, monitor: str, mode: str) -> DictConfig:
     return out
 
 
+def load_target_network(path: str | Path, what: str = "srf.ckpt.stage0") -> TargetNetwork:
+    """F from a stage-0 DetectionModule checkpoint: its transform + body + FPN, frozen and in eval mode."""
+    net, _ = net_from_checkpoint(path, what)
+    try:
+        return TargetNetwork.from_detector(net)
+    except ValueError as e:
+        raise ValueError(f"{what}: {path}: {e}") from e
+
+
+def _channels(cfg: DictConfig) -> int:
+    neck = cfg.neck
+    if neck.get("generator") is None:
+        raise ValueError("neck: the SRF-GAN stages need an SRF neck config (neck=srf_fpn | srf_pafpn) for the generator")
+    return int(neck.out_channels)
+
+
+def build_stage1_module(cfg: DictConfig, target_ckpt: str | Path) -> S.SRFGANModule:
+    """Stage 1 from a composed config: F from ``target_ckpt``, G from ``cfg.neck.generator`` (the same
+    generator config as the stage-3 neck, so its weights fit), D and the optimisation from ``cfg.srf``.
+    """
+    from hydra.utils import instantiate
+
+    srf = cfg.srf
+    channels = _channels(cfg)
+    target = load_target_network(target_ckpt)
+    generator = instantiate(cfg.neck.generator)(channels=channels)
+    discriminator = instantiate(srf.discriminator)(in_channels=channels)
+    module = S.SRFGANModule(
+        target, generator, discriminator,
+        optimizer_g=build_optimizer(cfg, srf.stage1.optimizer_g, "srf.stage1.optimizer_g"),
+        optimizer_d=build_optimizer(cfg, srf.stage1.optimizer_d, "srf.stage1.optimizer_d"),
+        scheduler=OmegaConf.to_container(srf.stage1.scheduler, resolve=True),
+        adv_weight=float(srf.adv_weight), degradation=str(srf.degradation), scale=float(srf.scale),
+        gradient_clip=srf.get("gradient_clip"), source=str(target_ckpt),
+    )
+    module.run_config = B.resolved_config(cfg)
+    return module
+
+
+def build_stage2_module(cfg: DictConfig, target_ckpt: str | Path, stage1_ckpt: str | Path | None) -> S.SRFExtractorModule:
+    """Stage 2 from a composed config: the extractor M from ``cfg.detector/backbone/neck`` by the one
+    builder every stage uses (so ``backbone.weights_path`` is loaded, as in stages 0 and 3), its G and
+    D from ``stage1_ckpt`` (None: from scratch, which the paper reports diverging), F from
+    ``target_ckpt``, optimizers and schedule from ``cfg.srf.stage2``.
+    """
+    from hydra.utils import instantiate
+
+    srf = cfg.srf
+    target = load_target_network(target_ckpt)
+    net = build_net(cfg)
+    discriminator = instantiate(srf.discriminator)(in_channels=int(net.backbone.out_channels))
+    if stage1_ckpt not in (None, ""):
+        state = load_checkpoint(stage1_ckpt, "srf.ckpt.stage1")["state_dict"]
+        load_generator_state(net, state, str(stage1_ckpt), "srf.ckpt.stage1")
+        load_discriminator_state(discriminator, state, str(stage1_ckpt), "srf.ckpt.stage1")
+    module = S.SRFExtractorModule(
+        net, target, discriminator,
+        optimizer=build_optimizer(cfg, srf.stage2.optimizer, "srf.stage2.optimizer"),
+        optimizer_d=build_optimizer(cfg, srf.stage2.optimizer_d, "srf.stage2.optimizer_d"),
+        scheduler=OmegaConf.to_container(srf.stage2.scheduler, resolve=True),
+        adv_weight=float(srf.adv_weight), srf_weight=float(srf.stage2.get("srf_weight", 1.0)),
+        degradation=str(srf.degradation), scale=float(srf.scale), level_matching=str(srf.level_matching),
+        eval_backend=str(cfg.eval.backend) if cfg.get("eval") else "faster_coco_eval",
+        gradient_clip=srf.get("gradient_clip"), source=str(target_ckpt),
+    )
+    if module.level_matching == "same" and [p[0] for p in module.pairs] != module.strides:
+        log.info(f"stage 2: L_SRF compares the levels M and F share, strides {[p[0] for p in module.pairs]}; "
+                 f"M's strides {[s for s in module.strides if s not in [p[0] for p in module.pairs]]} have no "
+                 f"level in F (strides {module.target.strides})")
+    module.run_config = B.resolved_config(cfg)
+    return module
+
+
+def prepare_target_net(
+    net: Detector, reuse: str = "G", checkpoint: str | Path | None = None, freeze: bool = False
+) -> dict[str, Any]:
+    """Stage 3: initialise the target detector's SRF neck from stage 1 (``G``) or stage 2 (``M``).
+
+    ``reuse='none'`` keeps the initialisation. Returns what was transferred (for ``stage.json``):
+    ``matched_strides`` and ``left_at_init`` (backbone keys not in the extractor) for ``M``.
+    """
+    if reuse not in REUSE:
+        raise ValueError(f"srf.reuse={reuse!r} is not known; choose one of {list(REUSE)}")
+    info: dict[str, Any] = {"reuse": reuse}
+    if reuse != "none" and checkpoint in (None, ""):
+        raise ValueError(f"srf.reuse={reuse} needs a checkpoint (stage {1 if reuse == 'G' else 2})")
+    what = "srf.ckpt.stage1" if reuse == "G" else "srf.ckpt.stage2"
+    if reuse == "G":
+        load_generator_state(net, load_checkpoint(checkpoint, what)["state_dict"], str(checkpoint), what)
+    elif reuse == "M":
+        ckpt = load_checkpoint(checkpoint, what)
+        meta = ckpt.get("srfgan") or {}
+        if meta.get("stage") != 2:
+            raise ValueError(f"{what}: {checkpoint} is not a stage-2 (SRF extractor) checkpoint")
+        matched, left = transfer_extractor(net, ckpt["state_dict"], meta.get("strides", []), str(checkpoint), what)
+        info.update(matched_strides=matched, left_at_init=left)
+        log.info(f"stage 3: extractor levels matched at strides {matched}; {len(left)} neck tensors left at init")
+    if freeze:
+        freeze_generator(net)
+    return info
+
+
 def save_final(trainer: L.Trainer, folder: Path) -> Path:
     """The stage's final weights, written atomically (a crash never leaves a half file as final.ckpt)."""
     path = folder / "checkpoints" / "final.ckpt"
@@ -135,7 +281,7 @@ def run_stage(
     cfg: DictConfig,
     module: L.LightningModule,
     with_masks: bool,
-    params: dict[str, int],
+    params: dict[str, Any],
     test: bool,
     job_type: str,
 ) -> dict[str, Any]:
@@ -210,18 +356,16 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict[str, Any]]:
 
     if 0 in stages:
         def stage0() -> dict[str, Any]:
-            scfg = stage_config(with_neck_upsample(cfg, "nearest"), run_dir / "stage0", "stage0",
-                                cfg.srf.stage0.max_epochs)
-            net = B.build_net(scfg)
+            scfg = stage_config(with_neck_upsample(cfg, "nearest"), run_dir / "stage0", "stage0")
+            net = build_net(scfg)
             return run_stage("stage 0 (target network F, A1)", scfg, B.build_module(scfg, net), net.with_masks,
                              B.params_entry(net), bool(cfg.test), "srfgan_stage0")
         stage("stage0", stage0)
 
     if 1 in stages:
         def stage1() -> dict[str, Any]:
-            scfg = gan_trainer_config(stage_config(cfg, run_dir / "stage1", "stage1", cfg.srf.stage1.max_epochs),
-                                      "val/l1", "min")
-            module = S.build_stage1_module(scfg, checkpoint_of(cfg, run_dir, 0, "stage0"))
+            scfg = gan_trainer_config(stage_config(cfg, run_dir / "stage1", "stage1"), "val/l1", "min")
+            module = build_stage1_module(scfg, checkpoint_of(cfg, run_dir, 0, "stage0"))
             gd = [module.generator, module.discriminator]
             params = {"params_total": sum(count_parameters(m) for m in gd),
                       "params_trainable": sum(count_parameters(m, trainable_only=True) for m in gd)}
@@ -232,9 +376,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         def stage2() -> dict[str, Any]:
             base = with_detector(cfg, cfg.srf.get("extractor_detector"))
             # stage 2 has AP: keep the best checkpoint by val AP (on ↓0.5 images)
-            scfg = gan_trainer_config(stage_config(base, run_dir / "stage2", "stage2", cfg.srf.stage2.max_epochs),
-                                      "val/bbox/AP", "max")
-            module = S.build_stage2_module(
+            scfg = gan_trainer_config(stage_config(base, run_dir / "stage2", "stage2"), "val/bbox/AP", "max")
+            module = build_stage2_module(
                 scfg, checkpoint_of(cfg, run_dir, 0, "stage0"), checkpoint_of(cfg, run_dir, 1, "stage1")
             )
             return run_stage("stage 2 (SRF extractor, A3)", scfg, module, module.net.with_masks,
@@ -247,13 +390,16 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict[str, Any]]:
 
             def stage3(variant: str = variant, reuse: str = reuse, freeze: bool = freeze) -> dict[str, Any]:
                 folder = f"stage3_{variant}"
-                scfg = stage_config(cfg, run_dir / folder, folder, cfg.srf.stage3.max_epochs)
+                scfg = stage_config(cfg, run_dir / folder, "stage3")
+                with open_dict(scfg):
+                    scfg.task_name = folder
                 source = checkpoint_of(cfg, run_dir, 1, "stage1") if reuse == "G" else checkpoint_of(
                     cfg, run_dir, 2, "stage2")
-                net = B.build_net(scfg)
-                S.prepare_target_net(net, reuse=reuse, checkpoint=source, freeze=freeze)
+                net = build_net(scfg)
+                info = prepare_target_net(net, reuse=reuse, checkpoint=source, freeze=freeze)
                 return run_stage(f"stage 3 (target detector, {variant})", scfg, B.build_module(scfg, net),
-                                 net.with_masks, B.params_entry(net), bool(cfg.test), "srfgan_stage3")
+                                 net.with_masks, {**B.params_entry(net), "transfer": info}, bool(cfg.test),
+                                 "srfgan_stage3")
             stage(f"stage3_{variant}", stage3)
 
     results: dict[str, dict[str, Any]] = {}

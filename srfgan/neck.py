@@ -81,10 +81,6 @@ class SRFNeck(nn.Module):
         up = self.upsample
         return up if isinstance(up, Generator) else None
 
-    def top_down_keys(self, features: Mapping[str, Tensor]) -> list[str]:
-        """Keys of the top-down (body) levels among this neck's ``features``, finest first."""
-        return list(features)[: self.num_top_down]
-
     def forward(self, x: Any) -> OrderedDict[str, Tensor]:
         """``x``: the body's ``OrderedDict`` of C-levels -> the base neck's P-levels."""
         return self.base(x)

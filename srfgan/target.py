@@ -17,8 +17,8 @@ __all__ = [
     "TargetNetwork",
     "capture_outputs",
     "crop_to_common",
-    "same_level_pairs",
-    "different_level_pairs",
+    "pair_levels",
+    "level_pairs",
 ]
 
 LEVEL_MATCHING = ("same", "different")
@@ -102,46 +102,40 @@ def crop_to_common(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a[..., :h, :w], b[..., :h, :w]
 
 
-def same_level_pairs(
-    extractor: Mapping[int, Tensor], target: Mapping[int, Tensor], scale: float = 0.5
-) -> tuple[list[Tensor], list[Tensor], list[int]]:
-    """Eq. 3 pairs: the extractor's level i on I^lr vs ``↓s(P_i^tr)``, F's level i on I^tr (nearest ↓).
+def pair_levels(extractor_strides: Sequence[int], target_strides: Sequence[int], matching: str = "same") -> list[tuple[int, int]]:
+    """Which extractor level is compared with which target level in L_SRF (Eq. 3, Table 7).
 
-    Both mappings are ``{stride: features}`` of the top-down levels; levels are matched by stride,
-    i.e. by semantic level. Every extractor level needs a target level of the same stride (F may
-    have more, e.g. P2 for a RetinaNet extractor with P3-P5, as in the paper's Table 3 setting).
-    Returns ``(sr, tr, strides)``, finest first.
+    ``same`` (the paper's choice): M's level i with F's level i (same semantic level), matched by
+    stride; levels only one of them has are left out (SRF-GAN Table 3 pairs a Mask R-CNN extractor on
+    P2-P5 with a RetinaNet F on P3-P5: P3-P5 are compared). ``different`` (Table 7's ablation):
+    M's level i with F's level i-1, "{P3^sr, P4^sr, P5^sr} and {P2^tr, P3^tr, P4^tr}".
+    Returns ``[(extractor stride, target stride), ...]`` finest first; empty if nothing pairs.
     """
-    missing = [s for s in extractor if s not in target]
-    if missing:
-        raise ValueError(
-            f"extractor levels with strides {missing} have no target level (F has strides {list(target)})"
-        )
+    if matching not in LEVEL_MATCHING:
+        raise ValueError(f"level_matching={matching!r} is not known; choose one of {list(LEVEL_MATCHING)}")
+    target = {int(s) for s in target_strides}
+    shift = 1 if matching == "same" else 2  # F's level i-1 has half the stride of level i
+    return [(int(s), int(s) // shift) for s in extractor_strides if int(s) // shift in target and int(s) % shift == 0]
+
+
+def level_pairs(
+    extractor: Mapping[int, Tensor], target: Mapping[int, Tensor], pairs: Sequence[tuple[int, int]], scale: float = 0.5
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Eq. 3's pairs: ``(extractor[s_m], ↓s(target[s_t]))`` for each ``(s_m, s_t)`` of ``pairs``.
+
+    ``extractor``: M's top-down levels on I^lr, ``{stride: (B, C, h, w)}``. ``target``: F's top-down
+    levels on the image whose level ``s_t`` has twice M's resolution — I^tr for ``same`` (F's level
+    i on I^tr is 2× M's level i on I^lr = ↓0.5 I^tr), I^lr for ``different`` (F's level i-1 on I^lr
+    is 2× M's level i on I^lr) — nearest ↓s (Eq. 3) brings it to M's size. So both matchings
+    compare the same M tensors at the same resolution; only the semantic level of the target
+    differs (Sec. 4.2 / 5.3). Returns ``(sr, tr)`` cropped to common sizes, finest first.
+    """
     sr, tr = [], []
-    for s, p in extractor.items():
-        a, b = crop_to_common(p, downsample_nearest(target[s], scale))
+    for s_m, s_t in pairs:
+        if s_m not in extractor or s_t not in target:
+            raise ValueError(f"level pair (extractor stride {s_m}, target stride {s_t}) is missing: "
+                             f"extractor has {list(extractor)}, target {list(target)}")
+        a, b = crop_to_common(extractor[s_m], downsample_nearest(target[s_t], scale))
         sr.append(a)
         tr.append(b.to(a.dtype))
-    return sr, tr, list(extractor)
-
-
-def different_level_pairs(
-    generated: Mapping[int, Tensor], target: Mapping[int, Tensor]
-) -> tuple[list[Tensor], list[Tensor], list[int]]:
-    """Table 7's "different feature levels": ``{P3^sr, P4^sr, P5^sr}`` vs ``{P2^tr, P3^tr, P4^tr}``.
-
-    Our reading: M and F see the same (↓0.5) image; P_i^sr is the map G produces inside M's
-    top-down path from level i, which has level i-1's resolution, so it is compared with F's level
-    i-1 on that same image, with no resampling — same resolution, semantic levels one apart.
-    ``generated`` is ``{stride of the output: G's map}`` (stride of level i-1); returns
-    ``(sr, tr, strides)``.
-    """
-    missing = [s for s in generated if s not in target]
-    if missing:
-        raise ValueError(f"generated maps with strides {missing} have no target level (F has strides {list(target)})")
-    sr, tr = [], []
-    for s, p in generated.items():
-        a, b = crop_to_common(p, target[s])
-        sr.append(a)
-        tr.append(b.to(a.dtype))
-    return sr, tr, list(generated)
+    return sr, tr

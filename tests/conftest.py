@@ -40,7 +40,9 @@ def small_neck(neck: str) -> list[str]:
 
 # The shapes_root fixture's generation parameters: a run on it must ask for the same dataset,
 # or prepare_data regenerates the default 800 + 200 images into the fixture's folder.
-SHAPES_GEN = ["data.generate.num_train=16", "data.generate.num_val=8", "data.generate.image_size=128"]
+SHAPES_GEN = [
+    "data.generate.num_train=16", "data.generate.num_val=8", "data.generate.num_test=8", "data.generate.image_size=128"
+]
 
 
 def compose_cfg(config_name: str, overrides: list[str], tmp: Path, data_root: Path | None = None):
@@ -62,9 +64,9 @@ def compose_cfg(config_name: str, overrides: list[str], tmp: Path, data_root: Pa
 
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory) -> Path:
-    """A tiny embedded dataset: 16 train / 8 val images at 128 px."""
+    """A tiny embedded dataset: 16 train / 8 val / 8 test images at 128 px."""
     from detection.data.shapes import ensure_shapes
 
     root = tmp_path_factory.mktemp("shapes") / "shapes"
-    ensure_shapes(root, num_train=16, num_val=8, image_size=128, seed=0)
+    ensure_shapes(root, num_train=16, num_val=8, num_test=8, image_size=128, seed=0)
     return root

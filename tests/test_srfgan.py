@@ -22,15 +22,12 @@ from detection.detectors import build_detector
 from detection.necks import FPN, PAFPN
 from lightning_modules import builders as B
 from lightning_modules import srfgan_module as SM
-from lightning_modules.srfgan_module import (
-    SRFExtractorModule,
-    SRFGANModule,
-    build_detector_from_config,
+from lightning_modules.checkpoints import build_net as build_detector_from_config
+from lightning_modules.checkpoints import load_checkpoint
+from lightning_modules.srfgan_module import SRFExtractorModule, SRFGANModule, gan_optimizer_steps
+from lightning_modules.srfgan_pipeline import (
     build_stage1_module,
     build_stage2_module,
-    gan_optimizer_steps,
-    generator_of,
-    load_generator,
     load_target_network,
     prepare_target_net,
 )
@@ -44,11 +41,13 @@ from srfgan import (
     TargetNetwork,
     degrade,
     degrade_images,
-    different_level_pairs,
     discriminator_loss,
     downsample_nearest,
+    generator_of,
     l1_loss,
-    same_level_pairs,
+    level_pairs,
+    load_generator_state,
+    pair_levels,
     scale_targets,
     srf_loss,
     srf_neck,
@@ -81,7 +80,13 @@ def detector_overrides(detector: str) -> list[str]:
     return [f"detector={detector}"] + (["detector.mask_head_channels=16"] if detector == "mask_rcnn" else [])
 
 
-SRF_CFG = ["+srfgan@srf=default", "srf.discriminator.channels=[8,8,8]"]  # as pyramidlab-srfgan mounts it
+# as pyramidlab-srfgan mounts it (pipeline=srfgan adds the recipe's stage schedules)
+SRF_CFG = ["+srfgan@srf=default", "pipeline=srfgan", "srf.discriminator.channels=[8,8,8]"]
+
+
+def load_generator(net, path):
+    """G of a stage-1/2 checkpoint into ``net``'s SRF neck, as stage 2 and stage 3 (reuse=G) load it."""
+    return load_generator_state(net, load_checkpoint(path, "srf.ckpt.stage1")["state_dict"], str(path), "srf.ckpt.stage1")
 
 
 # ------------------------------------------------------------------------------- models, losses
@@ -183,15 +188,25 @@ def test_degradation_modes_and_target_scaling():
 
 
 def test_level_matching_pairs():
+    # Eq. 3 (same): M's level i vs F's level i; Table 7 (different): M's P3-P5 vs F's P2-P4
+    assert pair_levels([4, 8, 16, 32], [4, 8, 16, 32], "same") == [(4, 4), (8, 8), (16, 16), (32, 32)]
+    assert pair_levels([4, 8, 16, 32], [4, 8, 16, 32], "different") == [(8, 4), (16, 8), (32, 16)]
+    # Table 3: a Mask R-CNN extractor (P2-P5) against a RetinaNet F (P3-P5): the shared levels
+    assert pair_levels([4, 8, 16, 32], [8, 16, 32], "same") == [(8, 8), (16, 16), (32, 32)]
     ext = OrderedDict([(8, torch.randn(1, 4, 12, 16)), (16, torch.randn(1, 4, 6, 8))])
-    tgt = OrderedDict([(4, torch.randn(1, 4, 50, 66)), (8, torch.randn(1, 4, 25, 33)), (16, torch.randn(1, 4, 13, 17))])
-    sr, tr, strides = same_level_pairs(ext, tgt)
-    assert strides == [8, 16] and [t.shape[-2:] for t in tr] == [(12, 16), (6, 8)]
-    assert torch.equal(tr[0], downsample_nearest(tgt[8])[..., :12, :16])  # Eq. 3: nearest down of F's same level
-    sr, tr, strides = different_level_pairs(OrderedDict([(8, torch.randn(1, 4, 25, 33))]), tgt)
-    assert strides == [8] and torch.equal(tr[0], tgt[8])  # same resolution, no resampling
-    with pytest.raises(ValueError, match=r"strides \[32\]"):
-        same_level_pairs(OrderedDict([(32, torch.randn(1, 4, 2, 2))]), tgt)
+    tgt_tr = OrderedDict([(4, torch.randn(1, 4, 50, 66)), (8, torch.randn(1, 4, 25, 33)), (16, torch.randn(1, 4, 13, 17))])
+    sr, tr = level_pairs(ext, tgt_tr, pair_levels(list(ext), list(tgt_tr), "same"))
+    assert [t.shape[-2:] for t in tr] == [(12, 16), (6, 8)]
+    assert torch.equal(tr[0], downsample_nearest(tgt_tr[8])[..., :12, :16])  # Eq. 3: nearest down of F's same level
+    # different: the SAME extractor tensors (M's pyramid, not G's raw output), F's finer level on the
+    # same (low-resolution) image, brought to M's size by the same nearest down-sampling
+    tgt_lr = OrderedDict([(4, torch.randn(1, 4, 25, 33)), (8, torch.randn(1, 4, 13, 17))])
+    sr_d, tr_d = level_pairs(ext, tgt_lr, pair_levels(list(ext), list(tgt_lr), "different"))
+    assert sr_d[0] is not None and torch.equal(sr_d[0], sr[0]) and torch.equal(sr_d[1], sr[1])
+    assert torch.equal(tr_d[0], downsample_nearest(tgt_lr[4])[..., :12, :16])
+    assert torch.equal(tr_d[1], downsample_nearest(tgt_lr[8])[..., :6, :8])
+    with pytest.raises(ValueError, match=r"target stride 32"):
+        level_pairs(OrderedDict([(32, torch.randn(1, 4, 2, 2))]), tgt_tr, [(32, 32)])
 
 
 # ----------------------------------------------------------------------------------------- neck
@@ -407,7 +422,7 @@ def test_nan_loss_stops_stage_with_a_named_message_and_keeps_the_checkpoint(tmp_
 def _stage0_checkpoint(cfg, path: Path) -> Path:
     """A stage-0 checkpoint as pyramidlab-train writes it (``net.*`` weights + the resolved config),
     without spending a training run on it (pyramidlab-srfgan's own tests train stage 0 for real)."""
-    resolved = SM._resolved(cfg)
+    resolved = B.resolved_config(cfg)
     net = build_detector_from_config(resolved)
     torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "pyramidlab_config": resolved,
                 "epoch": 0, "global_step": 1}, path)
@@ -522,14 +537,16 @@ def test_stage3_reuse_generator_or_extractor_and_freeze(stages, stage2_mask_rcnn
     cfg = compose_cfg("train", TINY + ["detector=retinanet", *srf_overrides()], tmp_path, stages["root"])
     s1 = torch.load(stages["stage1"], weights_only=True)["state_dict"]
     net = build_detector_from_config(cfg)
-    assert prepare_target_net(net, "G", stages["stage1"]) == []
+    assert prepare_target_net(net, "G", stages["stage1"]) == {"reuse": "G"}
     gen = generator_of(net)
     assert all(torch.equal(v, s1[f"generator.{k}"]) for k, v in gen.state_dict().items())
 
     # reuse=M from the Mask R-CNN extractor (P2-P5) into RetinaNet (P3-P7): body, G and P3-P5 by stride
     s2 = torch.load(stage2_mask_rcnn["path"], weights_only=True)["state_dict"]
     net = build_detector_from_config(cfg)
-    left = prepare_target_net(net, "M", stage2_mask_rcnn["path"], freeze=True)
+    info = prepare_target_net(net, "M", stage2_mask_rcnn["path"], freeze=True)
+    left = info["left_at_init"]
+    assert info["matched_strides"] == [8, 16, 32]  # Table 3: the levels both have
     own = net.backbone.state_dict()
     src = "net.model.backbone."
     assert torch.equal(own["body.body.layer4.1.conv2.weight"], s2[src + "body.body.layer4.1.conv2.weight"])
@@ -560,21 +577,21 @@ def test_bad_checkpoints_and_mismatches_fail_in_one_line(stages, tmp_path):
     cfg = compose_cfg("train", TINY + ["detector=faster_rcnn", *srf_overrides(), "neck.out_channels=16", *SRF_CFG],
                       tmp_path / "c16", stages["root"])
     one_line(ValueError, f"{s0}: F's levels have 32 channels but the generator has 16", build_stage1_module, cfg, s0)
-    # wrong levels: a RetinaNet F (P3-P5) cannot supervise a Mask R-CNN extractor's P2
+    # Table 3 across heads: a RetinaNet F (P3-P5) supervises a Mask R-CNN extractor (P2-P5) on the
+    # levels both have; with level_matching=different no pair is left when F has only P5
     rcfg = compose_cfg("train", TINY + ["detector=retinanet", "neck=fpn", "neck.out_channels=32"], tmp_path / "r", stages["root"])
     _stage0_checkpoint(rcfg, tmp_path / "retina0.ckpt")
     net = build_detector_from_config(rcfg)
     mcfg = compose_cfg("train", TINY + detector_overrides("mask_rcnn") + srf_overrides() + SRF_CFG, tmp_path / "m", stages["root"])
-    one_line(ValueError, r"retina0.ckpt: F's top-down levels have strides \[8, 16, 32\].*\[4\] unmatched",
-             build_stage2_module, mcfg, tmp_path / "retina0.ckpt", None)
+    assert build_stage2_module(mcfg, tmp_path / "retina0.ckpt", None).pairs == [(8, 8), (16, 16), (32, 32)]
     # a generator configured differently from the stage-1 one
     gcfg = compose_cfg("train", TINY + ["detector=retinanet", *srf_overrides(), "neck.generator.mid_channels=4"], tmp_path / "g",
                        stages["root"])
-    one_line(ValueError, r"stage1.ckpt does not fit.*head.0.weight: checkpoint \(8, 32, 3, 3\) vs configured \(4, 32, 3, 3\)",
+    one_line(ValueError, r"stage1.ckpt does not match.*head.0.weight: checkpoint \(8, 32, 3, 3\) vs configured \(4, 32, 3, 3\)",
              load_generator, build_detector_from_config(gcfg), stages["stage1"])
     one_line(ValueError, "holds no SRF generator", load_generator, build_detector_from_config(gcfg), s0)
     one_line(ValueError, "not a stage-2", prepare_target_net, build_detector_from_config(gcfg), "M", stages["stage1"])
-    one_line(ValueError, "has no SRF generator; use neck=srf_fpn", generator_of, net)
+    one_line(ValueError, "has no SRF generator; use an SRF neck", generator_of, net)
     one_line(ValueError, "srf.reuse='X'", prepare_target_net, net, "X", None)
     with pytest.raises(ValueError, match="srf.level_matching='across'"):
         SRFExtractorModule(build_detector_from_config(gcfg), _tiny_target(32), FeaturePatchDiscriminator(32, (8, 8, 8)),

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision
 
 from tests.conftest import SHAPES_GEN
 
@@ -29,10 +31,44 @@ def run(args: list[str], cwd: Path, ok: bool = True) -> subprocess.CompletedProc
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, shapes_root):
+    """Every stage from a local "ImageNet" weights file (here: a seeded random ResNet-18) with the stem
+    and layer1 frozen, the papers' start point: every stage must start from the file."""
     tmp = tmp_path_factory.mktemp("srfgan")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp / "r18.pth")
     run_dir = tmp / "run"
-    proc = run([f"hydra.run.dir={run_dir}", f"data.root={shapes_root}", *TINY], tmp)
+    proc = run([f"hydra.run.dir={run_dir}", f"data.root={shapes_root}", f"backbone.weights_path={tmp / 'r18.pth'}",
+                "backbone.frozen_stages=1", *TINY], tmp)
     return run_dir, proc, shapes_root, tmp
+
+
+def test_every_stage_starts_from_the_backbone_weights_file(pipeline_run):
+    run_dir, _, _, tmp = pipeline_run
+    stem = torch.load(tmp / "r18.pth", weights_only=True)["conv1.weight"]
+    keys = {"stage0": "net.model.backbone.body.body.conv1.weight",  # the detector with NN-FPN (F)
+            "stage1": "target.backbone.body.body.conv1.weight",  # F inside the GAN stage
+            "stage2": "net.model.backbone.body.body.conv1.weight",  # the extractor M (trained from the file)
+            "stage3_A2": "net.model.backbone.body.body.conv1.weight",
+            "stage3_A5": "net.model.backbone.body.body.conv1.weight"}
+    for folder, key in keys.items():
+        ckpt = json.loads((run_dir / folder / "stage.json").read_text())["final_checkpoint"]
+        assert torch.equal(torch.load(ckpt, weights_only=True)["state_dict"][key], stem), folder
+
+
+def test_extractor_with_another_head_initialises_the_target(pipeline_run):
+    """SRF-GAN Table 3: an extractor with Mask R-CNN's head (P2-P5) for a RetinaNet target (P3-P7):
+    L_SRF on the levels F and M share, stage 3 matches the levels both have."""
+    run_dir, _, shapes_root, tmp = pipeline_run
+    other = tmp / "table3"
+    f0 = json.loads((run_dir / "stage0" / "stage.json").read_text())["checkpoint"]
+    g1 = json.loads((run_dir / "stage1" / "stage.json").read_text())["checkpoint"]
+    run([f"hydra.run.dir={other}", f"data.root={shapes_root}", "stages=[2,3]", "variants=[A3,A5]",
+         "srf.extractor_detector=mask_rcnn", f"srf.ckpt.stage0={f0}", f"srf.ckpt.stage1={g1}", *TINY], tmp)
+    s2 = torch.load(json.loads((other / "stage2" / "stage.json").read_text())["final_checkpoint"], weights_only=True)
+    assert s2["srfgan"]["pairs"] == [[8, 8], [16, 16], [32, 32]] and s2["srfgan"]["strides"] == [4, 8, 16, 32]
+    assert json.loads((other / "stage3_A5" / "stage.json").read_text())["transfer"]["matched_strides"] == [8, 16, 32]
+    rows = {r["variant"]: r for r in csv.DictReader((other / "report.csv").open())}
+    assert rows["A3"]["status"] == "ok" and rows["A5"]["status"] == "ok"
 
 
 def test_all_stages_write_their_folders_and_table_4(pipeline_run):

@@ -136,11 +136,13 @@ def _params(
     min_object: int,
     max_object_frac: float,
     max_objects: int,
+    num_test: int = 0,
 ) -> dict[str, Any]:
     return {
         "generator_version": GENERATOR_VERSION,
         "num_train": int(num_train),
         "num_val": int(num_val),
+        "num_test": int(num_test),
         "image_size": int(image_size),
         "seed": int(seed),
         "min_object": int(min_object),
@@ -368,6 +370,7 @@ def generate_shapes(
     *,
     num_train: int = 800,
     num_val: int = 200,
+    num_test: int = 200,
     image_size: int = 256,
     seed: int = 0,
     min_object: int = 8,
@@ -385,6 +388,9 @@ def generate_shapes(
             ``shapes_meta.json``) or empty; anything else is refused, never deleted.
         num_train: Number of train images.
         num_val: Number of val images.
+        num_test: Number of test images: a third split, so that the checkpoint chosen on val is
+            reported on images selection never saw (``data.test_split: test``). Its images come
+            from their own seeds ``(seed, 2, i)``: train and val do not change with it.
         image_size: Long side of every image in pixels; the short side is uniform in
             ``[0.75, 1.0] * image_size``, landscape or portrait at random.
         seed: Seed; the same seed gives byte-identical annotation files.
@@ -406,18 +412,20 @@ def generate_shapes(
         raise FileExistsError(
             f"refusing to overwrite {root}: it exists, is not empty and is not a shapes dataset (no {META_FILE})"
         )
-    p = _params(num_train, num_val, image_size, seed, min_object, max_object_frac, max_objects)
+    p = _params(num_train, num_val, image_size, seed, min_object, max_object_frac, max_objects, num_test)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
-    progress = _progress(num_train + num_val)
+    progress = _progress(num_train + num_val + num_test)
     try:
         task = None
         if progress is not None:
             progress.start()
-            task = progress.add_task("shapes", total=num_train + num_val)
+            task = progress.add_task("shapes", total=num_train + num_val + num_test)
         ann_id = _write_split(tmp, "train", 0, num_train, 1, 1, p, progress, task)
-        _write_split(tmp, "val", 1, num_val, num_train + 1, ann_id, p, progress, task)
+        ann_id = _write_split(tmp, "val", 1, num_val, num_train + 1, ann_id, p, progress, task)
+        if num_test > 0:
+            _write_split(tmp, "test", 2, num_test, num_train + num_val + 1, ann_id, p, progress, task)
         with open(tmp / META_FILE, "w") as f:
             json.dump(p, f, indent=2, sort_keys=True)
     except BaseException:
@@ -442,10 +450,11 @@ def generate_shapes(
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     log.info(
-        "generated shapes dataset at %s (%d+%d images) in %.1fs",
+        "generated shapes dataset at %s (%d+%d+%d images) in %.1fs",
         root,
         num_train,
         num_val,
+        num_test,
         time.perf_counter() - t0,
     )
     return root
@@ -456,6 +465,7 @@ def ensure_shapes(
     *,
     num_train: int = 800,
     num_val: int = 200,
+    num_test: int = 200,
     image_size: int = 256,
     seed: int = 0,
     min_object: int = 8,
@@ -469,10 +479,11 @@ def ensure_shapes(
     Returns:
         ``Path(root)``.
     """
-    p = _params(num_train, num_val, image_size, seed, min_object, max_object_frac, max_objects)
+    p = _params(num_train, num_val, image_size, seed, min_object, max_object_frac, max_objects, num_test)
     root = Path(root).expanduser().absolute()
     meta = read_shapes_meta(root)
-    if meta == p and all((root / "annotations" / f"instances_{s}.json").is_file() for s in _SPLITS):
+    splits = (*_SPLITS, "test") if num_test > 0 else _SPLITS
+    if meta == p and all((root / "annotations" / f"instances_{s}.json").is_file() for s in splits):
         return root
     if meta is not None:
         log.info("shapes dataset at %s has different parameters; regenerating", root)
@@ -480,6 +491,7 @@ def ensure_shapes(
         root,
         num_train=num_train,
         num_val=num_val,
+        num_test=num_test,
         image_size=image_size,
         seed=seed,
         min_object=min_object,
