@@ -195,17 +195,65 @@ LAST_SWEEP: SweepOutcome | None = None
 class SweepReport(Callback):
     """Write ``report.md``, ``report.csv`` and ``report.png`` into the sweep folder at the end.
 
+    It also finishes sweeps: a grid multirun pointed at a sweep folder that already holds jobs
+    (the same command with the same ``hydra.sweep.dir``) skips the completed ones, resumes those
+    with a checkpoint and starts the rest (:func:`plan_sweep`, :class:`ResumableSweeper`).
+
     Args:
         enabled: false skips the report (``hydra.callbacks.report.enabled=false``).
         fail_on_failed_jobs: the console script exits 1 after the report when a job failed
             (the Optuna search sets it false: failed trials are part of a search).
         wandb: log the table and plot to W&B when the jobs logged there.
+        resume: finish an existing sweep folder instead of rerunning every job (grid sweeps).
+        dry_run: print what each job would do (skip / resume / start) and exit without running.
     """
 
-    def __init__(self, enabled: bool = True, fail_on_failed_jobs: bool = True, wandb: bool = True) -> None:
+    def __init__(
+        self,
+        enabled: bool = True,
+        fail_on_failed_jobs: bool = True,
+        wandb: bool = True,
+        resume: bool = True,
+        dry_run: bool = False,
+    ) -> None:
         self.enabled = enabled
         self.fail_on_failed_jobs = fail_on_failed_jobs
         self.wandb = wandb
+        self.resume = resume
+        self.dry_run = dry_run
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from omegaconf import read_write
+
+        grid = str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).endswith("BasicSweeper")
+        if self.resume and grid:
+            # the sweeper is instantiated from this config right after the callbacks' start hooks
+            with read_write(config.hydra.sweeper):
+                config.hydra.sweeper._target_ = RESUMABLE_SWEEPER
+        if not self.dry_run:
+            return
+        from lightning_modules.report import grid_jobs
+
+        expected = grid_jobs(config) if (grid or self.resume) else None
+        if expected is None:
+            print("dry run: this sweeper decides its jobs as it goes; nothing to plan", file=sys.stderr)
+            raise SystemExit(0)
+        if not HydraConfig.initialized():
+            HydraConfig.instance().set_config(config)
+        plan = plan_sweep(Path(str(config.hydra.sweep.dir)), expected)
+        print(format_plan(plan, Path(str(config.hydra.sweep.dir))))
+        raise SystemExit(0)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        """A multirun job that returned without writing ``metrics.json`` (pyramidlab-srfgan: its
+        results are per stage) gets one saying completed, so a rerun of the sweep skips it."""
+        from hydra.core.utils import JobStatus
+
+        if config.hydra.get("mode") != RunMode.MULTIRUN or job_return.status != JobStatus.COMPLETED:
+            return
+        path = Path(str(config.hydra.runtime.output_dir)) / "metrics.json"
+        if not path.exists() and is_rank_zero():
+            write_status(path.parent, "completed", note="per-stage results in this folder's report.md")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global LAST_SWEEP
@@ -227,13 +275,125 @@ class SweepReport(Callback):
         LAST_SWEEP = SweepOutcome(sweep_dir, result.jobs, result.failed, self.fail_on_failed_jobs)
 
 
+# ---------------------------------------------------------------------------- sweep resume
+RESUMABLE_SWEEPER = "hydra_plugins.pyramidlab_sweeper.ResumableSweeper"
+RESUME_OVERRIDE = "ckpt_path=last"  # pyramidlab-train: <run dir>/checkpoints/last.ckpt (report.RESUMED)
+
+
+@dataclass
+class JobPlan:
+    """What a rerun of a sweep does with job ``num``: ``skip`` (completed), ``resume`` or ``start``."""
+
+    num: int
+    overrides: list[str]
+    action: str
+    reason: str
+    dir: Path | None = None
+    extra: list[str] = field(default_factory=list)  # overrides added to the job (resume point)
+
+
+def plan_sweep(sweep_dir: Path, expected: list[list[str]]) -> list[JobPlan]:
+    """Decide per grid job from what its folder holds.
+
+    - ``metrics.json`` with ``status: completed``: skip (the folder is not touched);
+    - ``checkpoints/last.ckpt``: resume from it (``ckpt_path=last``);
+    - stage folders with ``stage.json`` (pyramidlab-srfgan): resume (finished stages are skipped);
+    - otherwise (no folder, no checkpoint, or failed before one): start.
+
+    A folder whose job ran with other overrides means the command changed: an error, not a guess.
+    """
+    from lightning_modules.report import read_job
+
+    found: dict[int, Path] = {}
+    if sweep_dir.is_dir():
+        for p in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
+            job = read_job(p.parent.parent)
+            if job.num >= 0:
+                found[job.num] = p.parent.parent
+    plan = []
+    for num, overrides in enumerate(expected):
+        folder = found.get(num)
+        if folder is None:
+            plan.append(JobPlan(num, overrides, "start", "never started"))
+            continue
+        job = read_job(folder)
+        ran = [o for o in job.overrides if o != RESUME_OVERRIDE or o in overrides]
+        if sorted(ran) != sorted(overrides):
+            raise ValueError(
+                f"hydra.sweep.dir={sweep_dir}: job {num} ({folder.name}) ran with {ran}, this command's job {num} "
+                f"is {list(overrides)}; rerun the same command to finish that sweep, or choose a new hydra.sweep.dir"
+            )
+        if job.status == "ok":
+            plan.append(JobPlan(num, overrides, "skip", "completed", folder))
+        elif (folder / "checkpoints" / "last.ckpt").is_file():
+            extra = [] if any(o.startswith("ckpt_path=") for o in overrides) else [RESUME_OVERRIDE]
+            plan.append(JobPlan(num, overrides, "resume", "from checkpoints/last.ckpt", folder, extra))
+        elif any(folder.glob("*/stage.json")):
+            done = sorted(p.parent.name for p in folder.glob("*/stage.json"))
+            plan.append(JobPlan(num, overrides, "resume", f"finished stages kept: {', '.join(done)}", folder))
+        else:
+            why = job.error.split(":")[0] if job.metrics.get("status") == "failed" else "no checkpoint"
+            plan.append(JobPlan(num, overrides, "start", f"again ({why})", folder))
+    return plan
+
+
+def format_plan(plan: list[JobPlan], sweep_dir: Path) -> str:
+    counts = {a: sum(p.action == a for p in plan) for a in ("skip", "resume", "start")}
+    lines = [f"sweep {sweep_dir}: {len(plan)} jobs, " + ", ".join(f"{n} {a}" for a, n in counts.items())]
+    for p in plan:
+        where = p.dir.name if p.dir is not None else " ".join(p.overrides)
+        lines.append(f"  job {p.num:<3} {p.action:<6} {where}  ({p.reason})")
+    return "\n".join(lines)
+
+
+def run_resumable_sweep(sweeper: Any, arguments: list[str]) -> list:
+    """:class:`ResumableSweeper`'s sweep: Hydra's ``BasicSweeper.sweep`` with each batch's jobs planned.
+
+    Skipped jobs are not launched. The others keep their job numbers (and so their folders): they are
+    launched in runs of consecutive numbers, each run one ``launcher.launch`` call, so a launcher
+    still runs a run's jobs in parallel (joblib, SLURM arrays).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params_conf = sweeper._parse_config() + list(arguments)
+    parser = OverridesParser.create(config_loader=sweeper.hydra_context.config_loader)
+    sweeper.overrides = sweeper.split_arguments(parser.parse_overrides(params_conf), sweeper.max_batch_size)
+    sweep_dir = Path(sweeper.config.hydra.sweep.dir)
+    expected = [list(job) for batch in sweeper.overrides for job in batch]
+    plan = plan_sweep(sweep_dir, expected)
+    if any(p.action != "start" or p.dir is not None for p in plan):
+        log.info(format_plan(plan, sweep_dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(sweeper.config, sweep_dir / "multirun.yaml")
+    returns = []
+    first = 0
+    while not sweeper.is_done():
+        batch = sweeper.get_job_batch()
+        sweeper.validate_batch_is_legal(batch)
+        todo = [p for p in plan[first:first + len(batch)] if p.action != "skip"]
+        runs: list[list[JobPlan]] = []
+        for p in todo:
+            if runs and runs[-1][-1].num == p.num - 1:
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        for run in runs:
+            results = sweeper.launcher.launch([p.overrides + p.extra for p in run], initial_job_idx=run[0].num)
+            for r in results:
+                _ = r.return_value  # as BasicSweeper: re-raise a job's exception
+            returns.append(results)
+        first += len(batch)
+    return returns
+
+
 # --------------------------------------------------------------------------- console script
 def override_hint(config_name: str, args: list[str]) -> str | None:
     """For ``key=value`` overrides whose key is not in the composed config: the closest keys.
 
-    Hydra reports "Key 'out_chanels' is not in struct" without the keys that exist. Called
-    only after a failure, it composes the config with the group choices from ``args``
-    (first value of a sweep) and checks every dotted key.
+    Hydra reports "Key 'out_chanels' is not in struct" without the keys that exist (and
+    advises ``+key``, which would silently add the misspelled key). It composes the config
+    with the group choices from ``args`` (first value of a sweep) and checks every dotted key.
+    A required value (``data.root: ???``) is a key: OmegaConf's ``in`` says False for it.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

@@ -42,6 +42,7 @@ SEED_KEY = "seed"
 # overrides that never describe a configuration (where outputs go); a swept ckpt_path does
 # (an eval sweep over checkpoints), a fixed one is listed with the common overrides
 IGNORED_KEYS = ("paths.", "hydra.")
+RESUMED = "ckpt_path=last"  # added by a sweep rerun to the jobs it resumes (hydra_callbacks.plan_sweep)
 
 
 # ------------------------------------------------------------------------------- reading
@@ -60,6 +61,8 @@ class Job:
     def values(self) -> dict[str, str]:
         out = {}
         for o in self.overrides:
+            if o == RESUMED:
+                continue  # how the job was finished, not what it is
             key, _, value = o.partition("=")
             out[key.lstrip("+~")] = value
         return out
@@ -90,10 +93,18 @@ def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
     path = sweep_dir / "multirun.yaml"
     if not path.is_file():
         return None
-    cfg = OmegaConf.load(path)
+    return grid_jobs(OmegaConf.load(path))
+
+
+GRID_SWEEPERS = ("BasicSweeper", "ResumableSweeper")  # Hydra's grid sweeper, and the one that finishes a sweep
+
+
+def grid_jobs(cfg: Any) -> list[list[str]] | None:
+    """The overrides of every job of a grid multirun config (``multirun.yaml`` or the composed one), in
+    job-number order; None for sweepers that decide their trials as they go (Optuna & co)."""
     target = str(OmegaConf.select(cfg, "hydra.sweeper._target_", default=""))
-    if not target.endswith("BasicSweeper"):
-        return None  # Optuna & co decide their trials as they go
+    if not target.endswith(GRID_SWEEPERS):
+        return None
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 

@@ -149,3 +149,84 @@ def test_debug_configs_write_to_runs_debug(tmp_path, debug):
         assert cfg.trainer.limit_train_batches == 3 and cfg.trainer.max_epochs == 2
     if debug == "profiler":
         assert cfg.trainer.profiler._target_.endswith("SimpleProfiler")
+
+
+# ------------------------------------------------------------------------- sweep resume
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder``: (size, mtime in ns)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _sweep_args(shapes_root: Path, tmp: Path, sweep: Path) -> list[str]:
+    from tests.test_sweeps import SMALL
+
+    # one epoch of one batch: real checkpoints (fast_dev_run writes none), in seconds
+    return [*SMALL, "debug=limit", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "callbacks.val_images.num_images=0",
+            "neck.out_channels=16", f"data.root={shapes_root}", f"paths.log_dir={tmp / 'runs'}",
+            f"hydra.sweep.dir={sweep}"]
+
+
+def test_rerun_of_a_sweep_skips_completed_resumes_and_starts(tmp_path, shapes_root, monkeypatch, capsys):
+    import shutil
+
+    from lightning_modules import train as T
+    from tests.test_sweeps import read_csv, run_main
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", *_sweep_args(shapes_root, tmp_path, sweep), "seed=1,2,3"]
+    assert run_main(monkeypatch, T.main, args) == 0
+    jobs = {int(p.name.split("_")[0]): p for p in sweep.iterdir() if (p / ".hydra").is_dir()}
+    assert sorted(jobs) == [0, 1, 2] and (jobs[1] / "checkpoints" / "last.ckpt").is_file()
+    # job 1 "crashed" after its checkpoint; job 2 never started
+    (jobs[1] / "metrics.json").unlink()
+    shutil.rmtree(jobs[2])
+    before = _snapshot(jobs[0])
+    capsys.readouterr()
+
+    assert run_main(monkeypatch, T.main, [*args, "hydra.callbacks.report.dry_run=true"]) == 0
+    out = capsys.readouterr().out
+    assert "3 jobs, 1 skip, 1 resume, 1 start" in out
+    plan = {line.split()[1]: line.split()[2] for line in out.splitlines() if line.strip().startswith("job ")}
+    assert plan == {"0": "skip", "1": "resume", "2": "start"}
+    assert not jobs[2].exists() and not (jobs[1] / "metrics.json").exists()  # a dry run runs nothing
+
+    assert run_main(monkeypatch, T.main, args) == 0
+    assert _snapshot(jobs[0]) == before  # the completed job's folder is untouched
+    resumed = OmegaConf.load(jobs[1] / ".hydra" / "overrides.yaml")
+    assert "ckpt_path=last" in list(resumed)
+    assert "Restored all states from the checkpoint" in (jobs[1] / "train.log").read_text()
+    assert json.loads((jobs[1] / "metrics.json").read_text())["status"] == "completed"
+    assert json.loads((jobs[2] / "metrics.json").read_text())["status"] == "completed"
+    rows = read_csv(sweep / "report.csv")
+    assert [(r["job"], r["status"], r["seed"]) for r in rows] == [("0", "ok", "1"), ("1", "ok", "2"), ("2", "ok", "3")]
+    assert "ckpt_path" not in rows[0]  # the resume point is not a swept key
+
+    # the same folder with another sweep is refused, naming the job and both override lists
+    assert run_main(monkeypatch, T.main, ["-m", *_sweep_args(shapes_root, tmp_path, sweep), "seed=7,8"]) == 1
+    assert "job 0" in capsys.readouterr().err
+
+
+def test_submitit_sweep_and_its_resume(tmp_path, shapes_root, monkeypatch):
+    """The SLURM path (submitit's job pickling, one process per job) through submitit's local executor."""
+    from lightning_modules import train as T
+    from tests.test_sweeps import read_csv, run_main
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",
+            *_sweep_args(shapes_root, tmp_path, sweep), "seed=1,2"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two job processes share the CPU
+    assert run_main(monkeypatch, T.main, args) == 0
+    jobs = {int(p.name.split("_")[0]): p for p in sweep.iterdir() if (p / ".hydra").is_dir()}
+    assert sorted(jobs) == [0, 1] and (sweep / ".submitit").is_dir()
+    assert [r["status"] for r in read_csv(sweep / "report.csv")] == ["ok", "ok"]
+    (jobs[1] / "metrics.json").unlink()
+    before = _snapshot(jobs[0])
+    assert run_main(monkeypatch, T.main, args) == 0
+    assert _snapshot(jobs[0]) == before
+    assert "ckpt_path=last" in list(OmegaConf.load(jobs[1] / ".hydra" / "overrides.yaml"))
+    # Lightning's messages of a submitit job go to its stderr log
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.err"))
+    assert logs.count("Restored all states from the checkpoint") == 1
+    assert [r["status"] for r in read_csv(sweep / "report.csv")] == ["ok", "ok"]
