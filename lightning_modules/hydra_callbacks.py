@@ -130,19 +130,43 @@ def run_guarded(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | None:
     single run (or a DDP child) it re-raises, so Hydra prints the error and exits 1.
     KeyboardInterrupt is not caught: Ctrl-C stops a sweep.
     """
+    from lightning_modules.config_checks import prepare_config
+
     try:
-        return task(cfg)
+        return task(prepare_config(cfg))
     except Exception as exc:
         output_dir = cfg.paths.output_dir
         line = first_line(exc)
+        where = ""
         if is_rank_zero():
-            path = write_status(output_dir, "failed", error=line)
-            log.error(f"job failed: {line} (recorded in {path})")
+            where = f" (recorded in {write_status(output_dir, 'failed', error=line)})"
+        full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+        if full and not in_multirun():
+            log.error(f"job failed: {line}{where}")
+            raise  # Hydra prints the whole traceback
+        # the console gets one line; the traceback goes to the log files (train.log) only
+        logs = log_to_files(f"job failed: {line}{where}\n" + "".join(traceback.format_exception(exc)))
+        print(f"Error: {line}{where}", file=sys.stderr)
+        if full:
+            print("".join(traceback.format_exception(exc)), file=sys.stderr)
+        elif logs:
+            print(f"full traceback in {', '.join(logs)} (HYDRA_FULL_ERROR=1 prints it here)", file=sys.stderr)
         if in_multirun():
-            # the full traceback goes to the job's log file and stderr; the sweep continues
-            log.error("".join(traceback.format_exception(exc)))
-            return None
-        raise
+            return None  # the sweep continues
+        if not is_rank_zero():
+            raise  # a DDP child: its parent reports
+        raise SystemExit(1) from None
+
+
+def log_to_files(text: str) -> list[str]:
+    """Write ``text`` as an ERROR record to the root logger's file handlers only (``train.log``); their paths."""
+    record = logging.LogRecord("pyramidlab", logging.ERROR, __file__, 0, text, None, None)
+    paths = []
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+            paths.append(h.baseFilename)
+    return paths
 
 
 # ------------------------------------------------------------------------------ callbacks
@@ -417,8 +441,8 @@ def override_hint(config_name: str, args: list[str]) -> str | None:
             continue
         parent, leaf = key.rsplit(".", 1)
         node = OmegaConf.select(cfg, parent, default=None)
-        if isinstance(node, DictConfig) and leaf not in node:
-            keys = [str(k) for k in node.keys()]
+        keys = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else None
+        if keys is not None and leaf not in keys:
             close = difflib.get_close_matches(leaf, keys, n=1)
             guess = f"did you mean {parent}.{close[0]}? " if close else ""
             hints.append(f"{key} is not a key of the config: {guess}keys of {parent}: {', '.join(keys)}")
@@ -428,19 +452,18 @@ def override_hint(config_name: str, args: list[str]) -> str | None:
 def main_with_hints(app: Callable[[], Any], config_name: str) -> None:
     """Run a ``@hydra.main`` app as a console script.
 
-    A failed start gets a hint for misspelled keys; a multirun whose report lists failed
+    An override of a key that does not exist stops before Hydra starts, with the closest
+    keys (Hydra's own error would advise ``+key``); a multirun whose report lists failed
     jobs exits 1 after the report is written.
     """
     global LAST_SWEEP
     LAST_SWEEP = None
-    try:
-        app()
-    except SystemExit as e:
-        if e.code not in (0, None):
-            hint = override_hint(config_name, sys.argv[1:])
-            if hint:
-                print(hint, file=sys.stderr)
-        raise
+    dotted = [a for a in sys.argv[1:] if "=" in a and "." in a.split("=")[0]
+              and not a.startswith(("-", "+", "~", "hydra.", "hydra/"))]
+    if dotted and (hint := override_hint(config_name, sys.argv[1:])):
+        print(f"Error: {hint}\n(a new key on purpose: +KEY=VALUE)", file=sys.stderr)
+        sys.exit(1)
+    app()
     outcome = LAST_SWEEP
     if outcome is not None and outcome.failed and outcome.fail_on_failed_jobs:
         print(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,12 @@ from omegaconf import open_dict
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Hermetic data: the embedded dataset's one place per machine is a temporary folder for the
+# session (command-line runs in subprocesses inherit it), never the user's cache. The
+# shapes_root fixture generates into it.
+_DATA = Path(tempfile.mkdtemp(prefix="pyramidlab-test-data-"))
+os.environ["PYRAMIDLAB_DATA"] = str(_DATA)
+atexit.register(shutil.rmtree, _DATA, True)
 torch.set_num_threads(2)
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -63,10 +72,10 @@ def compose_cfg(config_name: str, overrides: list[str], tmp: Path, data_root: Pa
 
 
 @pytest.fixture(scope="session")
-def shapes_root(tmp_path_factory) -> Path:
-    """A tiny embedded dataset: 16 train / 8 val / 8 test images at 128 px."""
+def shapes_root() -> Path:
+    """A tiny embedded dataset: 16 train / 8 val / 8 test images at 128 px, at ``$PYRAMIDLAB_DATA/shapes``."""
     from detection.data.shapes import ensure_shapes
 
-    root = tmp_path_factory.mktemp("shapes") / "shapes"
+    root = Path(os.environ["PYRAMIDLAB_DATA"]) / "shapes"
     ensure_shapes(root, num_train=16, num_val=8, num_test=8, image_size=128, seed=0)
     return root

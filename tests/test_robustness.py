@@ -144,3 +144,57 @@ def test_ann_file_and_img_dir_per_split_and_an_images_only_test_file(tmp_path):
     assert len(images) == 2 and all(len(t["boxes"]) == 0 for t in targets)
     with pytest.raises(ValueError, match=r"data.ann_file has keys \['tst'\]"):
         _dm(root, ann_file={"tst": "x.json"})
+
+
+# ------------------------------------------------------ run-level cases through the CLI code
+from lightning_modules import train as T  # noqa: E402
+from tests.test_sweeps import SMALL, restore_logging, run_main  # noqa: E402,F401
+
+
+def test_config_types_are_checked_at_composition_naming_key_and_type(tmp_path, monkeypatch, restore_logging, capsys):
+    """Case 9 and 13: one line naming the key and the expected type; the traceback only in train.log."""
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    for bad, expected, extra in (
+        ("trainer.max_epochs=abc", "trainer.max_epochs=abc: expected int or null", ["debug=fdr"]),
+        ("optim.optimizer.lr=abc", "optim.optimizer.lr=abc: expected float", []),
+    ):
+        run_dir = tmp_path / bad.split("=")[0]
+        assert run_main(monkeypatch, T.main, [*SMALL, *extra, bad, f"hydra.run.dir={run_dir}"]) == 1
+        err = capsys.readouterr().err
+        assert f"TypeError: {expected}" in err
+        assert "Traceback" not in err and f"full traceback in {run_dir / 'train.log'}" in err
+        log = (run_dir / "train.log").read_text()
+        assert "Traceback (most recent call last)" in log and expected in log
+        assert json.loads((run_dir / "metrics.json").read_text())["error"].startswith(f"TypeError: {expected}")
+
+
+def test_hints_only_for_keys_that_do_not_exist(tmp_path, monkeypatch, restore_logging, capsys):
+    """Case 11: a required ``???`` value is no unknown key, and Hydra's "+key" advice is not printed."""
+    common = ["debug=fdr", f"paths.log_dir={tmp_path}"]
+    assert run_main(monkeypatch, T.main, [*common, "data=coco", "logger=csv"]) == 1
+    err = capsys.readouterr().err
+    assert "Missing mandatory value: data.root" in err and "is not a key" not in err
+    assert run_main(monkeypatch, T.main, [*common, "data=coco", "data.roots=/x"]) == 1
+    err = capsys.readouterr().err
+    assert "data.roots is not a key of the config: did you mean data.root?" in err
+    assert "To append to your config use +" not in err
+
+
+def test_paths_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    """Case 5: the embedded dataset under $PYRAMIDLAB_DATA (default the user cache); a relative data.root is
+    made absolute against where the command started, so checkpoints store a path that resolves elsewhere."""
+    from hydra import compose, initialize_config_dir
+
+    from lightning_modules.config_checks import prepare_config
+    from tests.conftest import CONF_DIR
+
+    monkeypatch.setenv("PYRAMIDLAB_DATA", str(tmp_path / "machine"))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        assert compose("train").data.root == str(tmp_path / "machine" / "shapes")
+        monkeypatch.delenv("PYRAMIDLAB_DATA")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        assert compose("train").data.root == str(tmp_path / "cache" / "pyramidlab" / "shapes")
+        monkeypatch.chdir(tmp_path)
+        cfg = compose("train", ["data=coco", "data.root=rel/coco"])
+    prepare_config(cfg)
+    assert cfg.data.root == str(tmp_path / "rel" / "coco")

@@ -263,7 +263,11 @@ def test_run_guarded_returns_none_in_a_multirun(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"status": "failed",
                                                                    "error": "RuntimeError: first line"}
     monkeypatch.setattr(H, "in_multirun", lambda: False)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # Hydra prints the traceback: the exception goes up
     with pytest.raises(RuntimeError, match="first line"):
+        H.run_guarded(boom, cfg)
+    monkeypatch.delenv("HYDRA_FULL_ERROR")  # one line on the console (tests/test_robustness.py), exit 1
+    with pytest.raises(SystemExit, match="1"):
         H.run_guarded(boom, cfg)
     # Hydra's instantiate wraps errors in a message without the cause: report the cause
     with pytest.raises(Exception) as e:
