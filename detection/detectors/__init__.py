@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from detection.detectors import cascade, fcos, rcnn, retinanet
+from detection.detectors import cascade, centermask, fcos, rcnn, retinanet
 from detection.detectors.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -39,6 +39,7 @@ DETECTOR_BUILDERS: dict[str, Callable[..., Detector]] = {
     "mask_rcnn": rcnn.build_mask_rcnn,
     "cascade_rcnn": cascade.build,
     "cascade_mask_rcnn": functools.partial(cascade.build, with_masks=True),
+    "centermask": centermask.build,
 }
 DETECTORS = tuple(DETECTOR_BUILDERS)
 
