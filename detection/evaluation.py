@@ -245,7 +245,12 @@ class CocoEvaluator(torch.nn.Module):
             # rows: [image, x, y, w, h, score, label], XYWH in float64 as pycocotools' loadRes reads it
             # (float32 would move IoUs that sit exactly on a threshold), rounded as the results file is
             p_xywh = results_xywh(p_boxes, self.box_decimals)
-            self._dets.append(np.column_stack([np.full(len(scores), image), p_xywh, scores, p_labels]))
+            rows = np.empty((len(scores), 7))  # filled in place: column_stack was a third of update's time
+            rows[:, 0] = image
+            rows[:, 1:5] = p_xywh
+            rows[:, 5] = scores
+            rows[:, 6] = p_labels
+            self._dets.append(rows)
             if from_file:
                 if "image_id" not in t:
                     raise ValueError(
@@ -323,7 +328,8 @@ class CocoEvaluator(torch.nn.Module):
             start = time.perf_counter()
             if self.ground_truth is not None:
                 gt_dataset, dt_for = _file_datasets(
-                    self.ground_truth, self.category_ids, dets, det_rles, image_ids, self.iou_types
+                    self.ground_truth, self.category_ids, dets, det_rles, image_ids, self.iou_types,
+                    copy_anns=self.backend != "hotcoco",
                 )
                 gt_for = dict.fromkeys(self.iou_types, gt_dataset)
             else:
@@ -485,12 +491,14 @@ def _file_datasets(
     det_rles: list[dict[str, Any]],
     image_ids: Sequence[int],
     iou_types: Sequence[str],
+    copy_anns: bool = True,
 ) -> tuple[dict[str, Any], dict[str, _Detections]]:
     """The annotation file's ground truth for the images evaluated, and the detections on them.
 
     An image id seen more than once (DDP repeats images to even out the ranks) keeps its first
-    occurrence. Annotations are shallow copies (COCOeval writes ``ignore`` into them, and pycocotools
-    replaces polygons by RLEs in place); a missing ``iscrowd`` is 0 and a missing ``area`` the box area,
+    occurrence. Annotations are shallow copies with ``copy_anns`` (pycocotools' and faster-coco-eval's
+    COCOeval write ``ignore`` into them, and pycocotools replaces polygons by RLEs in place; hotcoco copies
+    them into its own structures and needs none); a missing ``iscrowd`` is 0 and a missing ``area`` the box area,
     as the data loader takes them (pycocotools itself would raise on either).
     """
     first: dict[int, int] = {}
@@ -513,10 +521,11 @@ def _file_datasets(
     anns = []
     for image_id in ids:
         for a in gt.imgToAnns.get(image_id, []):
-            a = dict(a)
-            a.setdefault("iscrowd", 0)
-            if "area" not in a:
-                a["area"] = float(a["bbox"][2]) * float(a["bbox"][3])
+            if copy_anns or "iscrowd" not in a or "area" not in a:
+                a = dict(a)
+                a.setdefault("iscrowd", 0)
+                if "area" not in a:
+                    a["area"] = float(a["bbox"][2]) * float(a["bbox"][3])
             anns.append(a)
     gt_dataset = {
         "images": [gt.imgs[i] for i in ids],

@@ -11,8 +11,9 @@ One process measures every section of ``bench.sections`` (config ``conf/bench.ya
   same DataModule, optimizer, LR schedule, batch size and number of steps.
 - ``data``: the training DataLoader alone (images/s) against the step's consumption (images per
   second of compute in the plain loop, loader waits excluded).
-- ``eval``: CocoEvaluator with pycocotools against faster-coco-eval on the same synthetic
-  predictions, time and AP.
+- ``eval``: CocoEvaluator with pycocotools, faster-coco-eval and hotcoco on the same synthetic
+  predictions, end to end (update + compute), time, AP and where the time goes; plus a COCO-sized
+  case (5,000 images x 100 detections, bbox and segm): :mod:`lightning_modules.bench_eval`.
 
 Every comparison warms up first and interleaves its candidates (each repeat / round runs all of
 them once), so drift (other jobs on the machine, clocks, caches) hits every candidate alike;
@@ -47,7 +48,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import numpy as np
 import torch
 import torchvision
 from hydra import compose, initialize_config_dir
@@ -58,9 +58,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from detection.data.coco import CocoDetection
 from detection.detectors import Detector, parameter_summary
-from detection.evaluation import CocoEvaluator, coco_results, write_json_atomic
+from detection.evaluation import write_json_atomic
+from lightning_modules import bench_eval
 from lightning_modules import builders as B
 from lightning_modules.paths import CONF_DIR
 
@@ -71,13 +71,6 @@ SECTIONS = ("necks", "framework", "data", "eval")
 AUTOCAST = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 GPU_VARIANTS = ("bf16-mixed", "16-mixed", "channels_last")
 FP32 = "fp32"
-# Synthetic predictions (eval section): the share of GT objects detected, how often a detection
-# of a GT object gets another class, and the score ranges that make true positives outrank most
-# false positives, so AP lands mid-range where a backend disagreement would show.
-DETECTED = 0.9
-WRONG_CLASS = 0.1
-TP_SCORES = (0.3, 1.0)
-FP_SCORES = (0.0, 0.6)
 # Lightning's framework files: their self time is the overhead the framework section looks for.
 FRAMEWORK_FILES = ("/lightning/", "/lightning_utilities/", "/torchmetrics/", "/rich/")
 
@@ -405,9 +398,11 @@ def _to_device(batch: Any, device: torch.device) -> tuple[list[torch.Tensor], li
 
 def plain_optimizers(fcfg: DictConfig, net: Detector, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
     """The optimizer and per-step LR schedule ``DetectionModule.configure_optimizers`` builds for
-    the same step budget; the namespace stands in for the two Trainer fields it reads."""
+    the same step budget; the namespace stands in for the Trainer fields it reads (no max_steps cap; batches
+    per epoch unknown, so the schedule spreads ``total_steps`` over ``max_epochs``)."""
     holder = B.build_module(fcfg, net)
-    holder.trainer = SimpleNamespace(estimated_stepping_batches=total_steps, max_epochs=fcfg.trainer.max_epochs)
+    holder.trainer = SimpleNamespace(estimated_stepping_batches=total_steps, max_epochs=fcfg.trainer.max_epochs,
+                                     max_steps=-1, num_training_batches=float("inf"))
     conf = holder.configure_optimizers()
     return conf["optimizer"], conf["lr_scheduler"]["scheduler"]
 
@@ -602,140 +597,15 @@ def data_entry(train: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- eval
-def synthetic_predictions(
-    ds: CocoDetection, num_images: int, per_image: int, jitter: float, seed: int
-) -> tuple[list[dict], list[dict]]:
-    """Detections for the first ``num_images`` images of ``ds`` and their ground truth.
-
-    Each GT object is detected with probability ``DETECTED`` by a box shifted and scaled by up to
-    ``jitter`` of its size (another class with probability ``WRONG_CLASS``); random boxes of random
-    classes fill each image up to ``per_image`` detections. Scores are random (TP_SCORES, FP_SCORES).
-    """
-    rng = np.random.default_rng(seed)
-    k = ds.num_classes
-    preds, gts = [], []
-    for img_id in ds.ids[:num_images]:
-        info = ds.coco.imgs[img_id]
-        w, h = float(info["width"]), float(info["height"])
-        anns = ds.coco.imgToAnns.get(img_id, [])
-        xywh = np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-        gt_boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-        gt_labels = np.asarray([ds.cat_to_label[a["category_id"]] for a in anns], dtype=np.int64)
-        gts.append({
-            "boxes": torch.from_numpy(gt_boxes).float(),
-            "labels": torch.from_numpy(gt_labels),
-            "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64),
-            "area": torch.tensor([float(a.get("area", 0.0)) for a in anns], dtype=torch.float32),
-        })
-        hit = rng.random(len(anns)) < DETECTED
-        tp = xywh[hit]
-        tp_centre = tp[:, :2] + tp[:, 2:] / 2 + rng.uniform(-jitter, jitter, tp[:, 2:].shape) * tp[:, 2:]
-        tp_size = tp[:, 2:] * (1 + rng.uniform(-jitter, jitter, tp[:, 2:].shape))
-        tp_boxes = np.concatenate([tp_centre - tp_size / 2, tp_centre + tp_size / 2], axis=1)
-        tp_labels = np.where(rng.random(len(tp)) < WRONG_CLASS, rng.integers(0, k, len(tp)), gt_labels[hit])
-        n_fp = max(0, per_image - len(tp))
-        fp_xy = rng.uniform(0, 1, (n_fp, 2)) * [w, h]
-        fp_wh = rng.uniform(0.02, 0.5, (n_fp, 2)) * [w, h]
-        fp_boxes = np.concatenate([fp_xy, fp_xy + fp_wh], axis=1)
-        boxes = np.concatenate([tp_boxes, fp_boxes])[:per_image]
-        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
-        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
-        scores = np.concatenate([rng.uniform(*TP_SCORES, len(tp)), rng.uniform(*FP_SCORES, n_fp)])[:per_image]
-        labels = np.concatenate([tp_labels, rng.integers(0, k, n_fp)])[:per_image]
-        preds.append({
-            "boxes": torch.from_numpy(boxes).float(),
-            "scores": torch.from_numpy(scores).float(),
-            "labels": torch.from_numpy(labels).long(),
-        })
-    return preds, gts
-
-
-def _library_eval(library: str, gt: dict[str, Any], results: list[dict[str, Any]]) -> float:
-    """COCO bbox AP of ``results`` with the library alone: ``COCO`` + ``loadRes`` + COCOeval's
-    evaluate / accumulate / summarize, as a script on a results JSON would run it."""
-    if library == "pycocotools":
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-    else:
-        from faster_coco_eval import COCO
-        from faster_coco_eval import COCOeval_faster as COCOeval
-    with contextlib.redirect_stdout(io.StringIO()):  # both print progress and the summary
-        coco = COCO()
-        coco.dataset = gt
-        coco.createIndex()
-        ev = COCOeval(coco, coco.loadRes(results), iouType="bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return float(ev.stats[0])
-
-
 def run_eval(cfg: DictConfig, b: DictConfig) -> dict[str, Any]:
+    """The eval section (:mod:`lightning_modules.bench_eval`) on the ground truth of ``bench.eval.split``."""
     dm = B.build_datamodule(cfg.data, with_masks=False)
     dm.prepare_data()
     dm.setup("fit")
     ds = dm.train_dataset if b.eval.split == "train" else dm.val_dataset
-    preds, gts = synthetic_predictions(ds, b.eval.images, b.eval.detections_per_image, b.eval.jitter, b.seed)
-    chunk = int(cfg.data.val_batch_size)  # updated batch by batch, as validation does
-    # The same detections as a COCO results list (original ids, [x, y, w, h]) and the ground truth
-    # of the same images, for the libraries alone; built once, copied untimed (loadRes and
-    # COCOeval write into the dicts they get).
-    ids = ds.ids[: b.eval.images]
-    results, _ = coco_results(preds, ids, ds.category_ids)
-    id_set = set(ids)
-    gt = {
-        "images": [ds.coco.imgs[i] for i in ids],
-        "annotations": [a for a in ds.coco.dataset["annotations"] if a["image_id"] in id_set],
-        "categories": ds.coco.dataset["categories"],
-    }
-    backends = ("pycocotools", "faster_coco_eval")
-    times: dict[str, list[float]] = {k: [] for k in backends}
-    lib_times: dict[str, list[float]] = {k: [] for k in backends}
-    ap: dict[str, float] = {}
-    lib_ap: dict[str, float] = {}
     with _progress() as progress:
-        task = progress.add_task("eval", total=b.eval.repeats * len(backends) * 2)
-        for r in range(b.eval.repeats):
-            for backend in backends if r % 2 == 0 else backends[::-1]:
-                progress.update(task, description=f"eval: CocoEvaluator {backend} {r + 1}/{b.eval.repeats}")
-                ev = CocoEvaluator(("bbox",), backend=backend)
-                start = time.perf_counter()
-                for i in range(0, len(preds), chunk):
-                    ev.update(preds[i : i + chunk], gts[i : i + chunk])
-                ap[backend] = ev.compute()["bbox/AP"]
-                times[backend].append(time.perf_counter() - start)
-                progress.advance(task)
-
-                progress.update(task, description=f"eval: {backend} alone {r + 1}/{b.eval.repeats}")
-                gt_copy, results_copy = copy.deepcopy(gt), copy.deepcopy(results)
-                start = time.perf_counter()
-                lib_ap[backend] = _library_eval(backend, gt_copy, results_copy)
-                lib_times[backend].append(time.perf_counter() - start)
-                progress.advance(task)
-    py, fast = statistics.median(times["pycocotools"]), statistics.median(times["faster_coco_eval"])
-    lib_py, lib_fast = statistics.median(lib_times["pycocotools"]), statistics.median(lib_times["faster_coco_eval"])
-    return {
-        "pycocotools_s": py,
-        "faster_coco_eval_s": fast,
-        "ap_pycocotools": ap["pycocotools"],
-        "ap_faster": ap["faster_coco_eval"],
-        "speedup": py / fast,
-        "ap_abs_diff": abs(ap["pycocotools"] - ap["faster_coco_eval"]),
-        "images": len(preds),
-        "detections": sum(len(p["scores"]) for p in preds),
-        "split": str(ds.split),
-        "pycocotools_s_repeats": [round(t, 4) for t in times["pycocotools"]],
-        "faster_coco_eval_s_repeats": [round(t, 4) for t in times["faster_coco_eval"]],
-        # the libraries alone on the same detections as a results list, as a script would run them:
-        # both build COCO datasets with loadRes's Python loops, which CocoEvaluator does in one pass
-        "library": {
-            "pycocotools_s": lib_py,
-            "faster_coco_eval_s": lib_fast,
-            "speedup": lib_py / lib_fast,
-            "ap_pycocotools": lib_ap["pycocotools"],
-            "ap_faster": lib_ap["faster_coco_eval"],
-        },
-    }
+        # updated batch by batch, as validation does
+        return bench_eval.run_eval(ds, b, int(cfg.data.val_batch_size), progress)
 
 
 # -------------------------------------------------------------------------------------- report
@@ -797,6 +667,8 @@ def check_targets(results: dict[str, Any], b: DictConfig) -> list[dict[str, Any]
     if results.get("eval"):
         add("pycocotools / faster-coco-eval time, CocoEvaluator", results["eval"]["speedup"],
             float(t.eval_min_speedup), False)
+        add(f"pycocotools / fastest ({results['eval']['fastest']}) time, CocoEvaluator",
+            results["eval"]["speedup_fastest"], float(t.eval_min_speedup_fastest), False)
     if results.get("data"):
         add("loader / step images/s", results["data"]["loader_over_step"], float(t.data_min_ratio), False)
     return checks
@@ -875,19 +747,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         )
     e = results.get("eval")
     if e:
-        out += ["", f"## COCO evaluation: {e['images']} images, {e['detections']} synthetic detections "
-                f"({e['split']} split ground truth), CocoEvaluator update + compute", ""]
-        lib = e["library"]
-        out += _md_table(
-            ["path", "pycocotools s", "faster-coco-eval s", "speed-up", "AP pycocotools", "AP faster-coco-eval",
-             "|ΔAP|"],
-            [["CocoEvaluator, update + compute (what training runs)", f"{e['pycocotools_s']:.3f}",
-              f"{e['faster_coco_eval_s']:.3f}", f"{e['speedup']:.1f}×", f"{e['ap_pycocotools']:.6f}",
-              f"{e['ap_faster']:.6f}", f"{e['ap_abs_diff']:.1e}"],
-             ["libraries alone (for reference): COCO + loadRes + evaluate / accumulate / summarize", f"{lib['pycocotools_s']:.3f}",
-              f"{lib['faster_coco_eval_s']:.3f}", f"{lib['speedup']:.1f}×", f"{lib['ap_pycocotools']:.6f}",
-              f"{lib['ap_faster']:.6f}", f"{abs(lib['ap_pycocotools'] - lib['ap_faster']):.1e}"]],
-        )
+        out += bench_eval.render(e)
     if results.get("targets"):
         out += ["", "## Targets (issue 6)", ""]
         out += _md_table(

@@ -27,6 +27,9 @@ TINY_BENCH = [
     "bench.eval.images=16",
     "bench.eval.detections_per_image=20",
     "bench.eval.repeats=1",
+    "bench.eval.coco.images=6",  # the COCO-sized case's path on 6 generated images
+    "bench.eval.coco.image_size=[60,80]",
+    "bench.eval.coco.mask_size=[30,40]",
     # one intra-op thread: on a loaded CI machine two spin-waiting OpenMP threads can be 10x slower
     "bench.threads=1",
     # the fixture's parameters: the default ones would regenerate the shared tiny dataset at 800 + 200 images
@@ -81,9 +84,18 @@ def test_tiny_bench_writes_every_key(tiny_bench):
     assert d["loader_img_s"] > 0 and d["step_img_s"] > 0 and 0 <= d["loader_wait_frac"] < 1
 
     e = saved["eval"]
-    assert e["pycocotools_s"] > 0 and e["faster_coco_eval_s"] > 0
+    assert e["pycocotools_s"] > 0 and e["faster_coco_eval_s"] > 0 and e["hotcoco_s"] > 0
     assert 0 < e["ap_pycocotools"] < 1  # jittered true positives among false positives: mid-range
     assert e["ap_faster"] == pytest.approx(e["ap_pycocotools"], abs=1e-6)
+    assert e["ap_hotcoco"] == pytest.approx(e["ap_pycocotools"], abs=1e-6)
+    assert e["speedup_fastest"] == pytest.approx(e["pycocotools_s"] / e[f"{e['fastest']}_s"])
+    for prof in e["profile"].values():  # where the time goes: ours (update, datasets) and the backend's
+        assert prof["update_s"] > 0 and prof["datasets_s"] > 0 and prof["cocoeval_s"] > 0
+    c = e["coco"]
+    assert c["images"] == 6 and set(c["bbox"]["backends"]) == {"pycocotools", "faster_coco_eval", "hotcoco"}
+    for t in ("bbox", "segm"):
+        aps = [r["ap"] for r in c[t]["backends"].values()]
+        assert 0 < aps[0] < 1 and max(aps) - min(aps) < 1e-6
     assert e["images"] == 16 and e["detections"] == 16 * 20
     lib = e["library"]  # the libraries alone, on the same detections as a COCO results list
     assert lib["pycocotools_s"] > 0 and lib["faster_coco_eval_s"] > 0
