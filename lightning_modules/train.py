@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from detection.evaluation import write_json_atomic
 from lightning_modules import builders as B
 from lightning_modules import hydra_callbacks as H
+from lightning_modules.callbacks import check_resume
 from lightning_modules.paths import CONF_DIR
 
 
@@ -55,11 +56,12 @@ def fit_and_test(
     """The loop every training entry point shares (pyramidlab-train, each pyramidlab-srfgan stage).
 
     Callbacks and loggers from ``cfg``; fit (from ``resume`` if given); ``after_fit(trainer)`` may add
-    figures (the GAN pipeline saves its final checkpoint there); with ``test``, test the best
-    checkpoint (the weights in memory when there is none, e.g. fast_dev_run) and, on rank 0, write
-    ``metrics.json`` + detections into ``cfg.paths.output_dir`` and print the table. ``extra["checkpoint"]``
-    becomes the best checkpoint when there is one. Loggers are
-    finished in every case, a failed run's W&B run marked failed.
+    figures (the GAN pipeline saves its final checkpoint there); with ``test``, test the checkpoint
+    ``eval.checkpoint`` names — ``best`` by val AP (the weights in memory when there is none, e.g.
+    fast_dev_run) or ``last``, the final weights — on the datamodule's test split and, on rank 0,
+    write ``metrics.json`` (with ``eval_checkpoint`` and ``eval_split``) + detections into
+    ``cfg.paths.output_dir`` and print the table. ``extra["checkpoint"]`` becomes the tested
+    checkpoint file. Loggers are finished in every case, a failed run's W&B run marked failed.
     """
     output_dir = cfg.paths.output_dir
     resolved = B.resolved_config(cfg)
@@ -72,8 +74,11 @@ def fit_and_test(
         trainer = B.build_trainer(cfg, callbacks, loggers)
         B.log_config(loggers, resolved)
         start = time.perf_counter()
+        if resume:
+            check_resume(module, resume)  # one line naming the file and the mismatching parts
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
         extra = {**extra, "fit_seconds": round(time.perf_counter() - start, 1)}
+        extra.update(getattr(datamodule, "data_counts", dict)())  # data/skipped_images, data/dropped_boxes
         if after_fit is not None:
             extra.update(after_fit(trainer))
         if trainer.is_global_zero and (info := B.wandb_info(loggers)):
@@ -81,12 +86,24 @@ def fit_and_test(
         cb = trainer.checkpoint_callback
         best = cb.best_model_path if cb is not None else ""
         best = best if best and Path(best).is_file() else None
-        extra["checkpoint"] = best or extra.get("checkpoint")  # after_fit may name a fallback
+        # eval.checkpoint=last: the final weights of the fixed schedule (the papers' protocol); best:
+        # the checkpoint chosen on val (the weights in memory when there is none, e.g. fast_dev_run)
+        which = str((cfg.get("eval") or {}).get("checkpoint", "best"))
+        if which not in ("best", "last"):
+            raise ValueError(f"eval.checkpoint={which!r}: expected best or last")
+        tested = best if which == "best" else None
+        last = Path(output_dir) / "checkpoints" / "last.ckpt"
+        final = extra.get("checkpoint") or (str(last) if last.is_file() else None)  # after_fit may name one
+        extra["checkpoint"] = tested or final
+        extra["eval_checkpoint"] = "best" if tested else ("last" if which == "last" else "final (no best checkpoint)")
         metrics: dict[str, float] = {}
         if test:
+            extra["eval_split"] = _test_split(datamodule)
             start = time.perf_counter()
-            trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
+            # verbose=False: one metrics table, ours in percent (not Lightning's 0-1 one as well)
+            trainer.test(module, datamodule=datamodule, ckpt_path=tested, weights_only=True, verbose=False)
             extra["test_seconds"] = round(time.perf_counter() - start, 1)
+            extra.update(getattr(datamodule, "data_counts", dict)())  # now with the test split's
             metrics = {k: float(v) for k, v in module.test_metrics.items()}
             if trainer.is_global_zero:
                 paths = B.write_outputs(output_dir, module, extra)
@@ -95,6 +112,11 @@ def fit_and_test(
         return FitResult(trainer, best, metrics, extra)
     finally:
         B.finish_loggers(loggers, exit_code=exit_code)
+
+
+def _test_split(datamodule: L.LightningDataModule) -> str | None:
+    """The split the test metrics come from (written beside them in metrics.json and reports)."""
+    return getattr(datamodule, "test_split", None)
 
 
 def train(cfg: DictConfig, job_type: str = "train") -> dict[str, float]:

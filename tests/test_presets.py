@@ -55,7 +55,7 @@ def test_table2_rows_are_the_papers_detector_neck_pairs(tmp_path):
     fpn, pafpn, smsl = "detection.necks.FPN", "detection.necks.PAFPN", "smsl.smsl_after"
     assert pairs == [
         ("retinanet", fpn, None), ("retinanet", pafpn, None), ("retinanet", smsl, fpn), ("retinanet", smsl, pafpn),
-        ("faster_rcnn", fpn, None), ("faster_rcnn", smsl, fpn), ("mask_rcnn", fpn, None), ("mask_rcnn", smsl, fpn),
+        ("mask_rcnn", fpn, None), ("mask_rcnn", smsl, fpn), ("cascade_rcnn", fpn, None), ("cascade_rcnn", smsl, fpn),
     ]
 
 
