@@ -90,6 +90,7 @@ class DetectionModule(L.LightningModule):
             if self.tta else None
         self.test_results: dict[str, list] = {"bbox": [], "segm": []}
         self.test_metrics: dict[str, float] = {}
+        self.test_annotated = True  # False: the test split's file lists images only (COCO test-dev): no metrics
         self.test_times_ms: list[float] = []  # model forward per image (incl. pre/post-processing)
         self.test_time_ms = float("nan")
         self.test_batch_size = 0
@@ -111,6 +112,10 @@ class DetectionModule(L.LightningModule):
                        (self.test_evaluator, getattr(dm, "test_dataset", None))):
             if getattr(ds, "coco", None) is not None:
                 ev.set_ground_truth(ds.coco)
+        test_ds = getattr(dm, "test_dataset", None)
+        if getattr(test_ds, "coco", None) is not None:
+            # an images-only file (COCO test-dev) has nothing to score against: AP would be -1
+            self.test_annotated = len(test_ds.coco.anns) > 0
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> Tensor:
@@ -197,7 +202,7 @@ class DetectionModule(L.LightningModule):
         self.test_evaluator.reset()
 
     def on_test_epoch_end(self) -> None:
-        self.test_metrics = self.test_evaluator.compute()
+        self.test_metrics = self.test_evaluator.compute() if self.test_annotated else {}
         self.test_evaluator.reset()
         self.log_dict({f"test/{k}": v for k, v in self.test_metrics.items()})
         self.test_results = {k: _gather_lists(v) for k, v in self.test_results.items()}

@@ -2,17 +2,25 @@
 
 The model is rebuilt from the resolved config stored in the checkpoint, so no model
 overrides are needed. Data: the checkpoint's data config, edited by ``data.key=value``
-overrides; ``data=NAME`` replaces it with the named config group.
+overrides; ``data=NAME`` replaces it with the named config group. ``eval.tta.*``: multi-scale /
+flip testing. A split whose annotation file lists images only (COCO test-dev) gets no metrics
+but the evaluation server's files (:func:`server_files`).
 """
 
 from __future__ import annotations
 
+import os
+import re
+import tempfile
 import time
+import zipfile
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from detection.evaluation import write_json_atomic
 from lightning_modules import builders as B
 from lightning_modules import hydra_callbacks as H
 from lightning_modules.paths import CONF_DIR
@@ -48,7 +56,41 @@ def tta_loader_data(data: DictConfig, tta: DictConfig | None) -> DictConfig:
     return data
 
 
+def results_name(cfg: DictConfig) -> str:
+    """``eval.results_name``, checked before any image is read."""
+    name = str(cfg.eval.get("results_name") or "")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", name):
+        # the server splits the file name at underscores: type_split_name_results
+        raise ValueError(f"eval.results_name={name!r}: use letters, digits and hyphens only (no underscores)")
+    return name
+
+
+def server_files(output_dir: str | Path, results: dict[str, list], split: str, name: str) -> dict[str, Path]:
+    """The COCO evaluation server's upload for an unannotated split (test-dev): JSON + zip per type.
+
+    The server reads ``detections_<split>_<name>_results.json`` from a zip, one submission per
+    type (bbox and segm are separate challenges with the same file name): the bbox files go
+    to ``output_dir``, the segm ones to ``output_dir/segm/``. ``results``: COCO results lists
+    by type (``bbox``, and ``segm`` when not empty). Returns ``{"bbox": zip, "bbox_json": ..., ...}``.
+    """
+    out: dict[str, Path] = {}
+    for iou_type, folder in (("bbox", Path(output_dir)), ("segm", Path(output_dir) / "segm")):
+        if iou_type == "segm" and not results.get("segm"):
+            continue
+        stem = f"detections_{split}_{name}_results"
+        json_path = write_json_atomic(folder / f"{stem}.json", results[iou_type])
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{stem}.", suffix=".zip.tmp")
+        os.close(fd)
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            z.write(json_path, arcname=json_path.name)
+        os.replace(tmp, folder / f"{stem}.zip")
+        out[iou_type] = folder / f"{stem}.zip"
+        out[f"{iou_type}_json"] = json_path
+    return out
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    name = results_name(cfg)
     ckpt = B.load_checkpoint(cfg.ckpt_path)
     if "pyramidlab_config" not in ckpt:
         raise ValueError(f"{cfg.ckpt_path}: not a pyramidlab checkpoint (no stored config)")
@@ -84,8 +126,21 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             extra = {**B.params_entry(net), "test_seconds": round(test_s, 1), "checkpoint": str(cfg.ckpt_path)}
             if info := B.wandb_info(loggers):
                 extra["wandb"] = info
+            split = data_cfg.get("test_split") or data_cfg.val_split
+            if not module.test_annotated:
+                server = server_files(cfg.paths.output_dir, module.test_results, split, name)
+                extra["metrics"] = f"none: the {split} annotation file lists images only"
+                extra["server_files"] = {k: str(v) for k, v in server.items()}
             paths = B.write_outputs(cfg.paths.output_dir, module, extra)
-            B.report(module, paths, str(cfg.ckpt_path))
+            if module.test_annotated:
+                B.report(module, paths, str(cfg.ckpt_path))
+            else:
+                B.console.print(
+                    f"No metrics: the {split} annotation file lists images only, and no metrics can be computed "
+                    "without annotations; upload the zip(s) below to the COCO evaluation server."
+                )
+                for key, p in {**paths, **server}.items():
+                    B.console.print(f"{key + ':':<18}{p}")
         exit_code = 0
         return dict(module.test_metrics)
     finally:

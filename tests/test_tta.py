@@ -1,8 +1,10 @@
-"""Multi-scale / flip testing: views, flip undo, merging, and one-scale TTA == plain evaluation."""
+"""Multi-scale / flip testing (views, flip undo, merging, one-scale TTA == plain evaluation); COCO test-dev files."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import zipfile
 
 import pytest
 import torch
@@ -155,3 +157,39 @@ def test_multi_scale_flip_evaluation_merges_all_views(mask_run):
         x, y, w, h = d["bbox"]
         assert x >= 0 and y >= 0 and x + w <= 128.01 and y + h <= 128.01  # file pixels (128 px images)
     assert max(per_image.values()) == 30  # 6 views x up to 100 each, capped after NMS
+
+
+def test_test_dev_images_only_writes_the_server_files_and_no_metrics(mask_run, shapes_root, capsys):
+    # a tiny COCO test-dev layout: annotations/image_info_test-dev2017.json (images and
+    # categories, no annotations key) with the images in test2017/
+    tmp, _ = mask_run
+    root = tmp / "coco_testdev"
+    (root / "annotations").mkdir(parents=True)
+    (root / "test2017").mkdir()
+    val = json.loads((shapes_root / "annotations" / "instances_val.json").read_text())
+    images = val["images"][:3]
+    for im in images:
+        shutil.copy(shapes_root / "val" / im["file_name"], root / "test2017" / im["file_name"])
+    info = {"info": {"description": "tiny test-dev"}, "images": images, "categories": val["categories"]}
+    (root / "annotations" / "image_info_test-dev2017.json").write_text(json.dumps(info))
+
+    over = ["logger=csv", f"ckpt_path={tmp / 'out' / 'checkpoints' / 'best.ckpt'}", "eval.results_name=smsl-r50",
+            "data.name=coco", f"data.root={root}", "data.test_split=test-dev2017",
+            "data.ann_file.test=annotations/image_info_test-dev2017.json", "data.img_dir.test=test2017"]
+    metrics = evaluate(compose_cfg("eval", over, tmp / "testdev"))
+    out = tmp / "testdev" / "out"
+    assert metrics == {}
+    printed = capsys.readouterr().out
+    assert "no metrics can be computed" in " ".join(printed.split()) and "-1" not in printed
+    saved = json.loads((out / "metrics.json").read_text())
+    assert not [k for k in saved if k.startswith(("bbox/", "segm/"))] and "images only" in saved["metrics"]
+    for iou_type, folder in (("bbox", out), ("segm", out / "segm")):
+        name = "detections_test-dev2017_smsl-r50_results.json"
+        with zipfile.ZipFile(folder / name.replace(".json", ".zip")) as z:
+            assert z.namelist() == [name]  # what the evaluation server reads
+            dets = json.loads(z.read(name))
+        assert dets == json.loads((out / f"detections_{iou_type}.json").read_text())
+        assert dets and {d["image_id"] for d in dets} <= {im["id"] for im in images}
+        assert ("segmentation" in dets[0]) == (iou_type == "segm") and ("bbox" in dets[0]) == (iou_type == "bbox")
+    with pytest.raises(ValueError, match="eval.results_name"):
+        evaluate(compose_cfg("eval", [*over, "eval.results_name=my_model"], tmp / "testdev_bad"))
