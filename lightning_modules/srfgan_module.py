@@ -48,8 +48,8 @@ from lightning_modules.optim import build_scheduler, check_finite, check_schedul
 from srfgan import (
     ADV_WEIGHT,
     LEVEL_MATCHING,
+    BaseGenerator,
     FeaturePatchDiscriminator,
-    Generator,
     TargetNetwork,
     capture_outputs,
     degrade,
@@ -94,7 +94,7 @@ def _check_lr(factory: Callable, key: str) -> None:
 
 
 def check_gan_compatible(
-    target: TargetNetwork, generator: Generator, discriminator: FeaturePatchDiscriminator, source: str
+    target: TargetNetwork, generator: BaseGenerator, discriminator: FeaturePatchDiscriminator, source: str
 ) -> None:
     """Stage-1 check, before any training: F, G and D agree on channels and F has top-down levels."""
     c = target.out_channels
@@ -294,7 +294,7 @@ class SRFGANModule(AdversarialSteps, L.LightningModule):
     def __init__(
         self,
         target: TargetNetwork,
-        generator: Generator,
+        generator: BaseGenerator,
         discriminator: FeaturePatchDiscriminator,
         optimizer_g: Callable[..., torch.optim.Optimizer],
         optimizer_d: Callable[..., torch.optim.Optimizer] | None = None,
@@ -398,6 +398,7 @@ class SRFGANModule(AdversarialSteps, L.LightningModule):
             "channels": self.target.out_channels,
             "strides": list(self.target.strides),
             "generator": {
+                "kind": self.generator.kind,
                 "channels": self.generator.channels,
                 "mid_channels": self.generator.mid_channels,
                 "num_blocks": self.generator.num_blocks,
@@ -500,7 +501,7 @@ class SRFExtractorModule(AdversarialSteps, DetectionModule):
         self.strides = strides
 
     @property
-    def generator(self) -> Generator:
+    def generator(self) -> BaseGenerator:
         """M's SRF generator, ``net.backbone.neck.generator`` (registered once, under ``net``)."""
         return generator_of(self.net)
 
@@ -573,6 +574,7 @@ class SRFExtractorModule(AdversarialSteps, DetectionModule):
             "level_matching": self.level_matching,
             "pairs": [list(p) for p in self.pairs],
             "generator": {
+                "kind": self.generator.kind,
                 "channels": self.generator.channels,
                 "mid_channels": self.generator.mid_channels,
                 "num_blocks": self.generator.num_blocks,

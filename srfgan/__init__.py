@@ -7,7 +7,16 @@ training stages live in ``lightning_modules/srfgan_module.py``.
 
 from srfgan.degradation import DEGRADATIONS, degrade, degrade_images, downsample_nearest, scale_targets
 from srfgan.discriminator import FeaturePatchDiscriminator, frozen_running_stats
-from srfgan.generator import LIGHT_GENERATOR, Generator, ResidualBlock, fit_to_size
+from srfgan.generator import (
+    GENERATOR_KINDS,
+    LIGHT_GENERATOR,
+    BaseGenerator,
+    Generator,
+    ResidualBlock,
+    RRDBGenerator,
+    build_generator,
+    fit_to_size,
+)
 from srfgan.losses import (
     ADV_WEIGHT,
     SRFLoss,
@@ -41,7 +50,11 @@ __all__ = [
     "LEVEL_MATCHING",
     "LIGHT_GENERATOR",
     "UPSAMPLERS",
+    "BaseGenerator",
     "FeaturePatchDiscriminator",
+    "GENERATOR_KINDS",
+    "RRDBGenerator",
+    "build_generator",
     "Generator",
     "ResidualBlock",
     "SRFLoss",

@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from detection.necks import INTERPOLATION_MODES, Interpolate
-from srfgan.generator import Generator
+from srfgan.generator import BaseGenerator, Generator
 
 __all__ = ["UPSAMPLERS", "SRFNeck", "srf_neck", "find_upsampler_owner", "top_down_channels"]
 
@@ -60,7 +60,7 @@ class SRFNeck(nn.Module):
         out_channels = getattr(base, "out_channels", None)
         if out_channels is None:
             raise ValueError(f"base neck {type(base).__name__} has no out_channels attribute")
-        if isinstance(upsample, Generator) and upsample.channels != out_channels:
+        if isinstance(upsample, BaseGenerator) and upsample.channels != out_channels:
             raise ValueError(
                 f"neck.generator has {upsample.channels} channels but neck.base.out_channels={out_channels}"
             )
@@ -76,10 +76,10 @@ class SRFNeck(nn.Module):
         return find_upsampler_owner(self.base).upsample
 
     @property
-    def generator(self) -> Generator | None:
+    def generator(self) -> BaseGenerator | None:
         """The shared SRF generator (``None`` when the neck uses a fixed interpolation)."""
         up = self.upsample
-        return up if isinstance(up, Generator) else None
+        return up if isinstance(up, BaseGenerator) else None
 
     def forward(self, x: Any) -> OrderedDict[str, Tensor]:
         """``x``: the body's ``OrderedDict`` of C-levels -> the base neck's P-levels."""

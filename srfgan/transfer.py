@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor, nn
 
 from detection.state import load_prefixed_state
-from srfgan.generator import Generator
+from srfgan.generator import BaseGenerator
 from srfgan.neck import SRFNeck
 
 __all__ = [
@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 
-def generator_of(net: nn.Module, what: str = "neck") -> Generator:
+def generator_of(net: nn.Module, what: str = "neck") -> BaseGenerator:
     """The SRF generator of a detector (its neck's, found through wrapping necks such as SMSL)."""
     neck = net.backbone.neck
     m: nn.Module | None = neck
@@ -59,7 +59,7 @@ def generator_prefix(state: Mapping[str, Tensor]) -> str | None:
     return None
 
 
-def load_generator_state(net: nn.Module, state: Mapping[str, Tensor], source: str, what: str) -> Generator:
+def load_generator_state(net: nn.Module, state: Mapping[str, Tensor], source: str, what: str) -> BaseGenerator:
     """``reuse=G``: G's weights (from a stage-1, -2 or -3 state dict) into ``net``'s SRF neck."""
     gen = generator_of(net, what)
     prefix = generator_prefix(state)
@@ -136,7 +136,7 @@ def transfer_extractor(
     return matched_levels(src_strides, dst_strides), left
 
 
-def freeze_generator(net: nn.Module) -> Generator:
+def freeze_generator(net: nn.Module) -> BaseGenerator:
     """Table 4's FR: G keeps its weights (requires_grad False) and BatchNorm statistics (eval) in training."""
     gen = generator_of(net, "freeze_generator")
     for p in gen.parameters():

@@ -596,3 +596,20 @@ def test_bad_checkpoints_and_mismatches_fail_in_one_line(stages, tmp_path):
     with pytest.raises(ValueError, match="srf.level_matching='across'"):
         SRFExtractorModule(build_detector_from_config(gcfg), _tiny_target(32), FeaturePatchDiscriminator(32, (8, 8, 8)),
                            functools.partial(torch.optim.SGD, lr=0.1), level_matching="across")
+
+
+def test_released_rrdb_generator_is_selectable_and_counts_like_the_release(tmp_path):
+    """neck.generator.kind=rrdb: the authors' released generator (RRDB, no BN, 3x3 out, ~7.8 M)."""
+    from srfgan import RRDBGenerator, build_generator
+
+    g = build_generator(256, kind="rrdb")
+    assert isinstance(g, RRDBGenerator) and not any(isinstance(m, torch.nn.BatchNorm2d) for m in g.modules())
+    assert abs(_count(g) / 1e6 - 7.71) < 0.01
+    assert g.tail.kernel_size == (3, 3)
+    small = build_generator(8, kind="rrdb", num_blocks=1, mid_channels=8, growth_channels=4)
+    assert small(torch.rand(2, 8, 7, 9), size=(13, 18)).shape == (2, 8, 13, 18)
+    with pytest.raises(ValueError, match="neck.generator.kind='esrgan'"):
+        build_generator(8, kind="esrgan")
+    cfg = compose_cfg("train", TINY + ["neck=srf_fpn", "neck.out_channels=32", "neck.generator.kind=rrdb",
+                                       "neck.generator.num_blocks=1", "neck.generator.mid_channels=8"], tmp_path)
+    assert isinstance(generator_of(build_detector_from_config(cfg)), RRDBGenerator)
