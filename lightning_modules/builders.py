@@ -15,14 +15,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from rich.syntax import Syntax
-from rich.tree import Tree
 
 from detection.detectors import Detector, parameter_summary
 from detection.evaluation import metrics_table, write_json_atomic
 from lightning_modules import hydra_callbacks as H
 from lightning_modules.callbacks import RestoreTrainLoaderState
 from lightning_modules.checkpoints import build_net, load_checkpoint, load_net_state  # noqa: F401 - re-exported
+from lightning_modules.console import echo_to_log, show_config
 from lightning_modules.detection_module import DetectionModule, tta_settings
 from lightning_modules.optim import build_optimizer
 
@@ -154,13 +153,9 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
 
 
 def print_config(cfg: DictConfig, title: str = "config") -> None:
-    """Print the composed config as a tree, one branch per top-level group."""
-    tree = Tree(f"[bold]{title}")
-    for key, value in cfg.items():
-        branch = tree.add(f"[bold cyan]{key}")
-        text = OmegaConf.to_yaml(value, resolve=False) if isinstance(value, DictConfig) else str(value)
-        branch.add(Syntax(text.rstrip(), "yaml", theme="ansi_dark", background_color="default"))
-    console.print(tree)
+    """Print the composed config, resolved, as a tree (once per run: a sweep prints it when it starts);
+    also into the log file (``train.log``)."""
+    show_config(cfg, title, console, in_multirun=H.in_multirun())
 
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
@@ -199,7 +194,9 @@ def write_outputs(output_dir: str | Path, module: DetectionModule, extra: dict[s
 
 
 def report(module: DetectionModule, paths: dict[str, Path], ckpt: str | None) -> None:
-    console.print(metrics_table(module.test_metrics))
+    table = metrics_table(module.test_metrics)
+    console.print(table)
+    echo_to_log(table)
     if ckpt:
         console.print(f"checkpoint:       {ckpt}")
     for name, p in paths.items():

@@ -120,7 +120,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         trainer = B.build_trainer(cfg, callbacks=B.build_callbacks(cfg), loggers=loggers)
         B.log_config(loggers, B.resolved_config(cfg))
         start = time.perf_counter()
-        trainer.test(module, datamodule=datamodule)
+        trainer.test(module, datamodule=datamodule, verbose=False)  # our table (percent) only
         test_s = time.perf_counter() - start
         if trainer.is_global_zero:
             extra = {**B.params_entry(net), "test_seconds": round(test_s, 1), "checkpoint": str(cfg.ckpt_path)}

@@ -254,6 +254,13 @@ class SweepReport(Callback):
             # the sweeper is instantiated from this config right after the callbacks' start hooks
             with read_write(config.hydra.sweeper):
                 config.hydra.sweeper._target_ = RESUMABLE_SWEEPER
+        from lightning_modules.console import show_config
+
+        # once per sweep (the jobs only write theirs to their train.log and .hydra/)
+        swept = [str(o) for o in config.hydra.overrides.task if "," in str(o)]
+        params = config.hydra.sweeper.get("params") or {}
+        swept += [f"{k}={v}" for k, v in params.items()]
+        show_config(config, f"sweep {config.hydra.sweep.dir}: {' '.join(swept) or 'one job'}")
         if not self.dry_run:
             return
         from lightning_modules.report import grid_jobs

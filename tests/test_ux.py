@@ -177,6 +177,9 @@ def test_rerun_of_a_sweep_skips_completed_resumes_and_starts(tmp_path, shapes_ro
     sweep = tmp_path / "sweep"
     args = ["-m", *_sweep_args(shapes_root, tmp_path, sweep), "seed=1,2,3"]
     assert run_main(monkeypatch, T.main, args) == 0
+    first = capsys.readouterr().out.splitlines()
+    assert sum(line.strip() == "pyramidlab-train" for line in first) == 0  # the jobs do not print their config
+    assert sum(line.startswith(f"sweep {sweep}") for line in first) == 1  # the sweep prints it, once
     jobs = {int(p.name.split("_")[0]): p for p in sweep.iterdir() if (p / ".hydra").is_dir()}
     assert sorted(jobs) == [0, 1, 2] and (jobs[1] / "checkpoints" / "last.ckpt").is_file()
     # job 1 "crashed" after its checkpoint; job 2 never started
@@ -230,3 +233,74 @@ def test_submitit_sweep_and_its_resume(tmp_path, shapes_root, monkeypatch):
     logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.err"))
     assert logs.count("Restored all states from the checkpoint") == 1
     assert [r["status"] for r in read_csv(sweep / "report.csv")] == ["ok", "ok"]
+
+
+# ------------------------------------------------------------------------------ console
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "srfgan", "export"])
+def test_help_is_fast_says_what_and_lists_user_groups(command):
+    import subprocess
+    import sys
+    import time
+
+    exe = Path(sys.executable).parent / f"pyramidlab-{command}"
+    start = time.perf_counter()
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    seconds = time.perf_counter() - start
+    assert out.returncode == 0, out.stderr[-2000:]
+    # target < 2 s; the bound is generous for a shared, loaded machine (the import of torch alone is ~3 s there)
+    assert seconds < 6, f"--help took {seconds:.1f} s"
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"pyramidlab-{command} [overrides]" and len(lines[2]) > 40  # then one paragraph
+    i = lines.index("Most used overrides:")
+    assert all(line.startswith("  ") and "=" in line for line in lines[i + 1:i + 6]) and lines[i + 6] == ""
+    groups = [line.split(":")[0].strip() for line in lines if line.startswith("  ") and ":" in line[:18]]
+    assert not {"hydra", "paths", "smsl_table2", "pipeline", "pipeline_recipe", "srfgan"} & set(groups)
+    if command == "train":
+        assert {"experiment", "detector", "neck", "debug"} <= set(groups)
+        assert "smsl/table1" in out.stdout
+
+
+def test_help_imports_neither_torch_nor_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.argv = ['pyramidlab-train', '--help']\n"
+            "from lightning_modules import cli\ncli.train()\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'lightning', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "HEAVY []" in out.stdout
+
+
+def test_unknown_experiment_lists_every_preset(tmp_path, monkeypatch, capsys):
+    from lightning_modules import cli
+
+    monkeypatch.setattr("sys.argv", ["pyramidlab-train", "experiment=no_such", f"paths.log_dir={tmp_path}"])
+    with pytest.raises(SystemExit) as e:
+        cli.train()
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    hint = next(line for line in err.splitlines() if line.startswith("experiment=no_such is not a preset"))
+    presets = cli.experiment_presets()
+    assert "shapes_retinanet" in presets and "smsl/table1" in presets
+    assert all(p in hint for p in presets)
+
+
+def test_one_resolved_config_and_one_percent_table_also_in_train_log(tmp_path, shapes_root, monkeypatch, capsys):
+    from lightning_modules import train as T
+    from tests.test_sweeps import SMALL, run_main
+
+    run_dir = tmp_path / "run"
+    args = [*SMALL, "debug=limit", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "neck.out_channels=16",
+            f"data.root={shapes_root}", f"paths.log_dir={tmp_path / 'runs'}", f"hydra.run.dir={run_dir}"]
+    assert run_main(monkeypatch, T.main, args) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert sum(line.strip() == "pyramidlab-train" for line in lines) == 1  # the tree's title, once
+    flat = "".join(c for c in out if c not in " \n│")  # Rich wraps long lines at the terminal width
+    assert f"output_dir:{run_dir}" in flat and "${" not in out  # resolved: real paths
+    assert out.count("COCO metrics") == 1 and "DataLoader 0" not in out  # not Lightning's 0-1 table too
+    assert "Tip:" not in out
+    log = (run_dir / "train.log").read_text()
+    assert f"output_dir: {run_dir}" in log and "COCO metrics" in log and "AP50" in log
