@@ -60,13 +60,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from detection.detectors import Detector, parameter_summary
 from detection.evaluation import write_json_atomic
-from lightning_modules import bench_eval
+from lightning_modules import bench_data_scale, bench_eval
 from lightning_modules import builders as B
 from lightning_modules.paths import CONF_DIR
 
 console = B.console
 
-SECTIONS = ("necks", "framework", "data", "eval")
+SECTIONS = ("necks", "framework", "data", "eval", "data_scale")
 # Trainer precision -> autocast dtype of the plain loop and of the GPU latency rows.
 AUTOCAST = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 GPU_VARIANTS = ("bf16-mixed", "16-mixed", "channels_last")
@@ -671,6 +671,9 @@ def check_targets(results: dict[str, Any], b: DictConfig) -> list[dict[str, Any]
             results["eval"]["speedup_fastest"], float(t.eval_min_speedup_fastest), False)
     if results.get("data"):
         add("loader / step images/s", results["data"]["loader_over_step"], float(t.data_min_ratio), False)
+    if results.get("data_scale"):
+        add("COCO-scale loader: workers' summed PSS growth (MB)", results["data_scale"]["workers_pss_growth_mb"],
+            float(t.data_scale_max_growth_mb), True)
     return checks
 
 
@@ -748,6 +751,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     e = results.get("eval")
     if e:
         out += bench_eval.render(e)
+    if results.get("data_scale"):
+        out += bench_data_scale.render(results["data_scale"])
     if results.get("targets"):
         out += ["", "## Targets (issue 6)", ""]
         out += _md_table(
@@ -798,6 +803,7 @@ def _bench(cfg: DictConfig, b: DictConfig) -> dict[str, Any]:
         "device": device_info(device),
         "config": OmegaConf.to_container(b),
         "necks": None, "gpu": None, "memory": None, "framework": None, "data": None, "eval": None,
+        "data_scale": None,
     }
     console.print(f"[bold]{escape(results['command'])}[/]  ->  {escape(str(out_dir))}")  # [a,b]: not markup
     seconds: dict[str, float] = {}
@@ -822,6 +828,11 @@ def _bench(cfg: DictConfig, b: DictConfig) -> dict[str, Any]:
         start = time.perf_counter()
         results["eval"] = run_eval(cfg, b)
         seconds["eval"] = round(time.perf_counter() - start, 1)
+    if "data_scale" in b.sections:
+        start = time.perf_counter()
+        with _progress() as progress:
+            results["data_scale"] = bench_data_scale.run_data_scale(b.data_scale, b.seed, progress)
+        seconds["data_scale"] = round(time.perf_counter() - start, 1)
     results["seconds"] = seconds
     if hasattr(os, "getloadavg"):
         results["device"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]

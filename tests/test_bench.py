@@ -162,3 +162,46 @@ def test_console_script_rejects_unknown_neck(tmp_path):
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "bench.necks: unknown neck 'srf_nope'" in out.stderr and "smsl_fpn" in out.stderr
+
+
+def test_serialized_records_hold_the_loader_records(tmp_path):
+    """Records in one NumPy buffer (detection/data/serialize.py): the same items as the dict they replace,
+    read without a Python object per record, and the loader's items unchanged (masks from polygons and RLE)."""
+    import numpy as np
+
+    from detection.data.coco import CocoDetection
+    from detection.data.serialize import SerializedList, SerializedRecords
+    from tests.coco_fixture import _make_coco
+
+    items = [{"a": np.arange(k), "s": "x" * k} for k in range(5)]
+    sl = SerializedList(items)
+    assert len(sl) == 5 and sl[-1]["s"] == "xxxx" and (sl[3]["a"] == np.arange(3)).all()
+    with pytest.raises(IndexError):
+        sl[5]
+    rec = SerializedRecords({7: {"v": 1}, 3: {"v": 2}})
+    assert list(rec) == [3, 7] and rec[7] == {"v": 1} and 5 not in rec and 3 in rec
+    with pytest.raises(KeyError):
+        rec[5]
+    root = _make_coco(tmp_path / "coco")
+    ds = CocoDetection(root, "s", train=False, with_masks=True)
+    assert isinstance(ds._anns, SerializedRecords) and len(ds._anns) == 5
+    for index in range(len(ds)):
+        _, t = ds[index]
+        # masks decoded from the stored segmentations equal pycocotools' annToMask of the file
+        for k, aid in enumerate(ds._anns[t["image_id"]]["ann_ids"].tolist()):
+            assert (t["masks"][k].numpy() == ds.coco.annToMask(ds.coco.anns[aid])).all()
+
+
+def test_data_scale_section_measures_both_record_layouts(tmp_path, shapes_root):
+    over = TINY_BENCH + [
+        "bench.sections=[data_scale]", "bench.data_scale.images=60", "bench.data_scale.annotations=400",
+        "bench.data_scale.batches=6", "bench.data_scale.warmup_batches=2", "bench.data_scale.num_workers=2",
+        f"bench.data_scale.cache_dir={tmp_path / 'cache'}", "bench.data_scale.legacy=false",
+    ]
+    results = bench(compose_cfg("bench", over, tmp_path, shapes_root))
+    d = results["data_scale"]
+    assert set(d["variants"]) == {"serialized"}  # (legacy=true adds "dict": one more process, same code)
+    for v in d["variants"].values():
+        assert v["annotations"] == 400 and v["parse_index_s"] >= 0 and v["peak_rss_mb"] > 0
+        assert v["workers_pss_start_mb"] > 0 and v["loader_img_s"] > 0 and v["num_workers"] == 2
+    assert d["images"] <= 60 and "COCO-scale loader" in json.dumps(results["targets"])

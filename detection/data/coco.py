@@ -32,6 +32,8 @@ from torch.utils.data import BatchSampler, Dataset, Sampler, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from detection.data.serialize import coco_records, freeze_inherited_objects
+
 __all__ = [
     "BadImageError",
     "CocoDetection",
@@ -288,6 +290,9 @@ class CocoDetection(Dataset):
         self._skipped = torch.zeros(max(len(self._pos), 1), dtype=torch.uint8)
         if skip_bad_images:
             self._skipped.share_memory_()
+        # one serialized buffer instead of a dict of dicts: DataLoader workers read records without
+        # copying them (detection/data/serialize.py)
+        self._anns = coco_records(self.coco, self._anns, with_masks)
 
     # ----------------------------------------------------------------------------- index
     def __len__(self) -> int:
@@ -326,11 +331,10 @@ class CocoDetection(Dataset):
         return f"the image limit (max images) keeps none of its {self.num_images_in_file} images"
 
     # ----------------------------------------------------------------------------- items
-    def _masks(self, ann_ids: np.ndarray, h: int, w: int) -> np.ndarray:
+    def _masks(self, ann_ids: np.ndarray, h: int, w: int, segms: list | None = None) -> np.ndarray:
         masks = np.zeros((len(ann_ids), h, w), dtype=np.uint8)
         for k, aid in enumerate(ann_ids.tolist()):
-            ann = self.coco.anns[aid]
-            seg = ann.get("segmentation")
+            seg = segms[k] if segms is not None else self.coco.anns[aid].get("segmentation")
             if not seg:
                 continue  # box-only annotation: empty mask
             if isinstance(seg, list):  # polygons
@@ -351,7 +355,9 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]] | None:
         img_id = self.ids[index]
-        info = self.coco.imgs[img_id]
+        freeze_inherited_objects()
+        a = self._anns[img_id]
+        info = a["info"]
         path = self.img_dir / info["file_name"]
         try:
             pil = load_rgb_image(path)
@@ -371,7 +377,6 @@ class CocoDetection(Dataset):
                 log.warning("skipping bad image (%d so far, data.skip_bad_images=true): %s", self.num_skipped_images, e)
             return None
 
-        a = self._anns[img_id]
         image = tv_tensors.Image(torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1))
         boxes = torch.from_numpy(a["boxes"].copy())
         target: dict[str, Any] = {
@@ -385,7 +390,7 @@ class CocoDetection(Dataset):
         if not self.train:
             target["orig_boxes"] = boxes.clone()
         if self.with_masks:
-            masks = torch.from_numpy(self._masks(a["ann_ids"], h0, w0))
+            masks = torch.from_numpy(self._masks(a["ann_ids"], h0, w0, a.get("segms")))
             target["masks"] = tv_tensors.Mask(masks)
             if not self.train:
                 target["orig_masks"] = masks.clone()
