@@ -59,15 +59,30 @@ VARIANTS: dict[str, tuple[tuple[int, ...], str]] = {
     "A3": ((0, 1, 2), "stage2"),
     "A4": ((0, 1, 2, 3), "stage3_A4"),
     "A5": ((0, 1, 2, 3), "stage3_A5"),
+    # the target detector with a fixed interpolation in FPN (Table 5's rows; NN is the baseline of
+    # a target detector other than F's, Tables 1 and 3)
+    "NN": ((3,), "stage3_NN"),
+    "BL": ((3,), "stage3_BL"),
+    "BC": ((3,), "stage3_BC"),
 }
-# stage-3 variants: (reuse, freeze_generator)
-TARGETS = {"A2": ("G", False), "A4": ("M", True), "A5": ("M", False)}
+# stage-3 variants: (reuse, freeze_generator, FPN upsampler)
+TARGETS = {
+    "A2": ("G", False, "srf"),
+    "A4": ("M", True, "srf"),
+    "A5": ("M", False, "srf"),
+    "NN": ("none", False, "nearest"),
+    "BL": ("none", False, "bilinear"),
+    "BC": ("none", False, "bicubic"),
+}
 DESCRIPTIONS = {
     "A1": "NN-FPN baseline (stage 0)",
     "A2": "SRF-GAN + target detector (reuse G)",
     "A3": "SRF extractor alone (stage 2)",
     "A4": "SRF-GAN + extractor + target, G frozen (FR)",
     "A5": "SRF-GAN + extractor + target (reuse M)",
+    "NN": "target detector, nearest-neighbour FPN",
+    "BL": "target detector, bilinear FPN",
+    "BC": "target detector, bicubic FPN",
 }
 
 
@@ -75,15 +90,34 @@ REUSE = ("none", "G", "M")
 
 
 def check_selection(cfg: DictConfig) -> tuple[list[int], list[str]]:
+    """(the stages to run: those of ``stages`` that a selected variant needs, the variants)."""
     stages = [int(s) for s in cfg.stages]
     bad = [s for s in stages if s not in STAGES]
     if bad or not stages:
         raise ValueError(f"stages={list(cfg.stages)}: expected a non-empty subset of {list(STAGES)}")
     variants = [str(v) for v in cfg.variants]
     unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"variants: {unknown} not known; choose from {list(VARIANTS)}")
-    return sorted(set(stages)), variants
+    if unknown or not variants:
+        raise ValueError(f"variants={variants}: {unknown or 'none'} not known; choose from {list(VARIANTS)}")
+    shared = [int(s) for s in cfg.srf.get("shared_stages") or []]
+    if shared and not cfg.srf.get("shared_dir"):
+        raise ValueError(f"srf.shared_stages={shared} needs srf.shared_dir (the folder those stages are shared in)")
+    needed = {s for v in variants for s in VARIANTS[v][0]}
+    return sorted(set(stages) & needed), variants
+
+
+def stage_folder(cfg: DictConfig, run_dir: Path, stage: int, folder: str) -> Path:
+    """Where a stage's outputs live: this run's folder, or ``srf.shared_dir`` for ``srf.shared_stages``.
+
+    A table that is a sweep of pipelines shares the stages its rows do not vary (Table 7's rows vary
+    stage 2 only: F and G are trained once) — the first job trains them, the next ones find their
+    ``stage.json`` and skip them. A shared stage 2 is kept per extractor head (Table 3 varies it).
+    """
+    if cfg.srf.get("shared_dir") and stage in [int(s) for s in cfg.srf.get("shared_stages") or []]:
+        if stage == 2:
+            folder = f"stage2_{cfg.srf.get('extractor_detector') or cfg.detector.name}"
+        return Path(str(cfg.srf.shared_dir)) / folder
+    return run_dir / folder
 
 
 def stage_length(cfg: DictConfig, stage: str) -> dict[str, Any]:
@@ -137,18 +171,32 @@ def with_neck_upsample(cfg: DictConfig, upsample: str) -> DictConfig:
     return out
 
 
-def with_detector(cfg: DictConfig, name: str | None) -> DictConfig:
-    """Stage 2's extractor may carry another detector head (SRF-GAN Table 3)."""
+def with_detector(cfg: DictConfig, name: str | None, key: str = "srf.extractor_detector") -> DictConfig:
+    """Stage 2's extractor (SRF-GAN Table 3) or stage 0's F may carry another detector head than the
+    target detector; ``name`` is a file of conf/detector/ (``key`` names the setting in errors)."""
     if name in (None, "", cfg.detector.name):
         return cfg
     path = Path(CONF_DIR) / "detector" / f"{name}.yaml"
     if not path.is_file():
         choices = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ValueError(f"srf.extractor_detector={name!r}: no {path}; choose one of {choices}")
+        raise ValueError(f"{key}={name!r}: no {path}; choose one of {choices}")
     out = copy.deepcopy(cfg)
     with open_dict(out):
-        out.detector = OmegaConf.load(path)
+        out.detector = _group_option(path)
     return out
+
+
+def _group_option(path: Path) -> DictConfig:
+    """A config group file with its defaults merged as Hydra merges them: options of the same group
+    (``- cascade_rcnn``) first, then the file itself (``_self_``, last when not listed)."""
+    node = OmegaConf.load(path)
+    defaults = list(node.pop("defaults", []) or [])
+    if "_self_" not in defaults:
+        defaults.append("_self_")
+    merged = OmegaConf.create({})
+    for entry in defaults:
+        merged = OmegaConf.merge(merged, node if entry == "_self_" else _group_option(path.parent / f"{entry}.yaml"))
+    return merged
 
 
 def gan_trainer_config(cfg: DictConfig, monitor: str, mode: str) -> DictConfig:
@@ -323,18 +371,18 @@ def done(folder: Path) -> dict[str, Any] | None:
     return entry if ckpt and Path(ckpt).is_file() else None
 
 
-def checkpoint_of(cfg: DictConfig, run_dir: Path, stage: int, folder: str) -> str:
-    """srf.ckpt.stageN if set, else this run's stage N output; a clear error if neither exists."""
+def checkpoint_of(cfg: DictConfig, folder: Path, stage: int) -> str:
+    """srf.ckpt.stageN if set, else stage N's output in ``folder``; a clear error if neither exists."""
     external = cfg.srf.ckpt.get(f"stage{stage}")
     if external not in (None, ""):
         path = Path(str(external)).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"srf.ckpt.stage{stage}={external}: no such file")
         return str(path)
-    entry = done(run_dir / folder)
+    entry = done(folder)
     if entry is None:
         raise FileNotFoundError(
-            f"stage {stage} output missing: no {run_dir / folder / 'stage.json'}; run stage {stage} first "
+            f"stage {stage} output missing: no {folder / 'stage.json'}; run stage {stage} first "
             f"(stages=[..., {stage}, ...]) or set srf.ckpt.stage{stage}=FILE"
         )
     return str(entry["checkpoint"])
@@ -346,67 +394,74 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     run_dir = Path(cfg.paths.output_dir)
     seconds: dict[str, float] = {}
 
-    def stage(folder: str, fn: Callable[[], dict[str, Any]]) -> None:
-        if (entry := done(run_dir / folder)) is not None:
-            log.info(f"{folder}: done in an earlier run ({entry['checkpoint']}); skipped")
+    where = {n: stage_folder(cfg, run_dir, n, f) for n, f in ((0, "stage0"), (1, "stage1"), (2, "stage2"))}
+
+    def stage(path: Path, fn: Callable[[], dict[str, Any]]) -> None:
+        if (entry := done(path)) is not None:
+            log.info(f"{path.name}: done in an earlier run ({entry['checkpoint']}); skipped")
             return
         start = time.perf_counter()
         fn()
-        seconds[folder] = round(time.perf_counter() - start, 1)
+        seconds[path.name] = round(time.perf_counter() - start, 1)
+
+    def ckpt(n: int) -> str:
+        return checkpoint_of(cfg, where[n], n)
 
     if 0 in stages:
         def stage0() -> dict[str, Any]:
-            scfg = stage_config(with_neck_upsample(cfg, "nearest"), run_dir / "stage0", "stage0")
+            # F: the detector srf.target_network_detector names (default: the target detector) with NN-FPN
+            base = with_detector(cfg, cfg.srf.get("target_network_detector"), "srf.target_network_detector")
+            scfg = stage_config(with_neck_upsample(base, "nearest"), where[0], "stage0")
             net = build_net(scfg)
             return run_stage("stage 0 (target network F, A1)", scfg, B.build_module(scfg, net), net.with_masks,
                              B.params_entry(net), bool(cfg.test), "srfgan_stage0")
-        stage("stage0", stage0)
+        stage(where[0], stage0)
 
     if 1 in stages:
         def stage1() -> dict[str, Any]:
-            scfg = gan_trainer_config(stage_config(cfg, run_dir / "stage1", "stage1"), "val/l1", "min")
-            module = build_stage1_module(scfg, checkpoint_of(cfg, run_dir, 0, "stage0"))
+            scfg = gan_trainer_config(stage_config(cfg, where[1], "stage1"), "val/l1", "min")
+            module = build_stage1_module(scfg, ckpt(0))
             gd = [module.generator, module.discriminator]
             params = {"params_total": sum(count_parameters(m) for m in gd),
                       "params_trainable": sum(count_parameters(m, trainable_only=True) for m in gd)}
             return run_stage("stage 1 (SRF-GAN)", scfg, module, False, params, False, "srfgan_stage1")
-        stage("stage1", stage1)
+        stage(where[1], stage1)
 
     if 2 in stages:
         def stage2() -> dict[str, Any]:
-            base = with_detector(cfg, cfg.srf.get("extractor_detector"))
+            base = with_detector(cfg, cfg.srf.get("extractor_detector"), "srf.extractor_detector")
             # stage 2 has AP: keep the best checkpoint by val AP (on ↓0.5 images)
-            scfg = gan_trainer_config(stage_config(base, run_dir / "stage2", "stage2"), "val/bbox/AP", "max")
-            module = build_stage2_module(
-                scfg, checkpoint_of(cfg, run_dir, 0, "stage0"), checkpoint_of(cfg, run_dir, 1, "stage1")
-            )
+            scfg = gan_trainer_config(stage_config(base, where[2], "stage2"), "val/bbox/AP", "max")
+            module = build_stage2_module(scfg, ckpt(0), ckpt(1))
             return run_stage("stage 2 (SRF extractor, A3)", scfg, module, module.net.with_masks,
                              B.params_entry(module.net), bool(cfg.test), "srfgan_stage2")
-        stage("stage2", stage2)
+        stage(where[2], stage2)
 
     if 3 in stages:
         for variant in [v for v in variants if v in TARGETS]:
-            reuse, freeze = TARGETS[variant]
+            reuse, freeze, upsample = TARGETS[variant]
 
-            def stage3(variant: str = variant, reuse: str = reuse, freeze: bool = freeze) -> dict[str, Any]:
+            def stage3(variant: str = variant, reuse: str = reuse, freeze: bool = freeze,
+                       upsample: str = upsample) -> dict[str, Any]:
                 folder = f"stage3_{variant}"
-                scfg = stage_config(cfg, run_dir / folder, "stage3")
+                scfg = stage_config(with_neck_upsample(cfg, upsample), run_dir / folder, "stage3")
                 with open_dict(scfg):
                     scfg.task_name = folder
-                source = checkpoint_of(cfg, run_dir, 1, "stage1") if reuse == "G" else checkpoint_of(
-                    cfg, run_dir, 2, "stage2")
+                source = {"G": lambda: ckpt(1), "M": lambda: ckpt(2)}.get(reuse, lambda: None)()
                 net = build_net(scfg)
                 info = prepare_target_net(net, reuse=reuse, checkpoint=source, freeze=freeze)
                 return run_stage(f"stage 3 (target detector, {variant})", scfg, B.build_module(scfg, net),
                                  net.with_masks, {**B.params_entry(net), "transfer": info}, bool(cfg.test),
                                  "srfgan_stage3")
-            stage(f"stage3_{variant}", stage3)
+            stage(run_dir / f"stage3_{variant}", stage3)
 
     results: dict[str, dict[str, Any]] = {}
     for variant in variants:
         needs, folder = VARIANTS[variant]
-        entry = done(run_dir / folder)
-        results[variant] = {"needs": needs, "folder": folder, "entry": entry, "seconds": seconds.get(folder)}
+        path = where[{"stage0": 0, "stage2": 2}[folder]] if folder in ("stage0", "stage2") else run_dir / folder
+        entry = done(path)
+        results[variant] = {"needs": needs, "folder": str(path.relative_to(run_dir)) if path.is_relative_to(run_dir)
+                            else str(path), "entry": entry, "seconds": seconds.get(path.name)}
     return results
 
 
@@ -428,6 +483,19 @@ def report_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def headline_metrics(cfg: DictConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """This run's ``metrics.json``: the headline variant's metrics (one row of a table that is a
+    sweep of pipelines, Tables 1, 3, 6, 7) — ``status: failed`` when that variant did not run."""
+    name = cfg.get("headline") or rows[-1]["variant"]
+    row = next((r for r in rows if r["variant"] == name), None)
+    if row is None:
+        raise ValueError(f"headline={name!r} is not among variants={[r['variant'] for r in rows]}")
+    if row["status"] != "ok":
+        return {"status": "failed", "error": f"variant {name}: {row.get('error')}", "variant": name}
+    keep = {k: v for k, v in row.items() if k not in ("status", "error", "description")}
+    return {"status": "completed", **keep}
+
+
 def srfgan(cfg: DictConfig) -> dict[str, Any]:
     B.print_config(cfg, "pyramidlab-srfgan")
     results = run_pipeline(cfg)
@@ -436,8 +504,9 @@ def srfgan(cfg: DictConfig) -> dict[str, Any]:
         return {r["variant"]: r.get("bbox/AP") for r in rows}
     run_dir = Path(cfg.paths.output_dir)
     notes = [f"{v}: stages {list(r['needs'])}, folder `{r['folder']}`" for v, r in results.items()]
-    files = write_report(rows, run_dir, title="SRF-GAN Table 4: effects of progressive learning",
+    files = write_report(rows, run_dir, title=str(cfg.get("report_title") or "SRF-GAN"),
                          columns=["variant", "description"], notes=notes)
+    write_json_atomic(run_dir / "metrics.json", headline_metrics(cfg, rows))
     B.console.print(f"report: {files.md} (+ {files.csv.name}, {files.png.name if files.png else 'no plot'})")
     return {r["variant"]: r.get("bbox/AP") for r in rows}
 
@@ -445,7 +514,9 @@ def srfgan(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="srfgan")
 def hydra_main(cfg: DictConfig) -> float | None:
     out = H.run_guarded(srfgan, cfg)
-    return None if out is None else out.get("A5")
+    if out is None:
+        return None
+    return out.get(cfg.get("headline") or list(out)[-1])
 
 
 def main() -> None:
