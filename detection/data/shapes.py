@@ -5,7 +5,8 @@ generator for a small, fast, but deliberately COCO-like dataset:
 
 * 8 shape categories with NON-contiguous ids (1, 2, 3, 5, 7, 8, 11, 13), so the
   original-id -> contiguous-label mapping is exercised on every run, exactly as with COCO.
-  Colours are random: the class is the *shape*, never the colour.
+  Each category has its own hue (jittered saturation / brightness, see ``_pick_colour``), as
+  many real categories have typical colours; the shape tells them apart too.
 * Multi-scale objects: the longest bbox side is log-uniform between ``min_object`` px and
   ``max_object_frac`` of the image side, so COCO's small / medium / large area buckets
   are all populated.
@@ -16,14 +17,14 @@ generator for a small, fast, but deliberately COCO-like dataset:
 
 Layout (same as COCO)::
 
-    root/annotations/instances_train.json
-    root/annotations/instances_val.json
+    root/annotations/instances_{train,val,test}.json
     root/train/000000000001.jpg ...
-    root/val/000000001001.jpg ...
+    root/val/000000000801.jpg ...
+    root/test/000000001001.jpg ...   # the reporting split: val chooses checkpoints, test reports
     root/shapes_meta.json          # generation parameters; written last
 
 Each image is generated from its own RNG seeded with ``(seed, split, index)``, so the same
-seed always gives the same JSON bytes, and the val images do not change when only
+seed always gives the same JSON bytes, and the val (and test) images do not change when only
 ``num_train`` changes.
 """
 
