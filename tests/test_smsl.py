@@ -221,3 +221,19 @@ def test_smsl_neck_wraps_a_base_neck():
     assert [o.shape[-2:] for o in out.values()] == [v.shape[-2:] for v in x.values()]
     with pytest.raises(ValueError, match="out_channels=16"):
         SMSLNeck(_ToyNeck(16), SMSL(32, 4, 4))
+
+
+@pytest.mark.parametrize("shape,size", [((2, 3, 100, 167), (25, 42)), ((1, 4, 25, 42), (13, 21)),
+                                        ((1, 2, 25, 42), (7, 11)), ((1, 2, 9, 9), (9, 9)), ((1, 1, 5, 7), (3, 4))])
+def test_adaptive_max_pool2d_equals_atens(shape, size):
+    from smsl.smsl import adaptive_max_pool2d
+
+    x = torch.randn(shape)
+    x[0, 0, 0, 0] = float("nan")
+    assert torch.equal(adaptive_max_pool2d(x, size).isnan(), F.adaptive_max_pool2d(x, size).isnan())
+    x = torch.randn(shape, requires_grad=True)
+    out = adaptive_max_pool2d(x, size)
+    assert torch.equal(out, F.adaptive_max_pool2d(x, size))
+    (g,) = torch.autograd.grad(out.sum(), x)  # no ties in random data: the same argmax, the same gradient
+    (ref,) = torch.autograd.grad(F.adaptive_max_pool2d(x, size).sum(), x)
+    assert torch.equal(g, ref)
