@@ -97,6 +97,7 @@ def test_view_sizes_are_the_loaders(hw):
 
 
 def test_bad_tta_settings_name_their_key(tmp_path, shapes_root):
+    net = B.build_net(compose_cfg("train", TINY + small_neck("fpn"), tmp_path, shapes_root))
     for over, msg in (
         (["eval.tta.scales=[96,-2]"], "eval.tta.scales"),
         (["eval.tta.flip=true", "eval.tta.iou_threshold=0"], "eval.tta.iou_threshold"),
@@ -105,10 +106,10 @@ def test_bad_tta_settings_name_their_key(tmp_path, shapes_root):
     ):
         cfg = compose_cfg("train", TINY + small_neck("fpn") + over, tmp_path, shapes_root)
         with pytest.raises(ValueError, match=msg):
-            B.build_module(cfg, B.build_net(cfg))
+            B.build_module(cfg, net)
     cfg = compose_cfg("train", TINY + small_neck("fpn") + ["eval.tta.scales=[64,96]", "eval.tta.flip=true"],
                       tmp_path, shapes_root)
-    module = B.build_module(cfg, B.build_net(cfg))
+    module = B.build_module(cfg, net)
     assert module.tta["max_size"] == 128 and len(module.tta_views) == 4  # data.max_size; 2 scales x 2
     assert B.build_module(compose_cfg("train", TINY, tmp_path, shapes_root), module.net).tta is None  # off by default
 
@@ -147,7 +148,7 @@ def test_multi_scale_flip_evaluation_merges_all_views(mask_run):
     tmp, _ = mask_run
     ckpt = tmp / "out" / "checkpoints" / "best.ckpt"
     over = ["logger=csv", f"ckpt_path={ckpt}", "eval.tta.scales=[64,96,112]", "eval.tta.flip=true",
-            "eval.tta.max_detections=30"]
+            "eval.tta.max_detections=30", "trainer.limit_test_batches=1"]  # 2 images x 6 views
     metrics = evaluate(compose_cfg("eval", over, tmp / "tta6"))
     assert 0.0 <= metrics["bbox/AP"] <= 1.0 and 0.0 <= metrics["segm/AP"] <= 1.0
     dets = json.loads((tmp / "tta6" / "out" / "detections_bbox.json").read_text())
