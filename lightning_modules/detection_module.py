@@ -205,7 +205,7 @@ class DetectionModule(L.LightningModule):
         self.test_metrics = self.test_evaluator.compute() if self.test_annotated else {}
         self.test_evaluator.reset()
         self.log_dict({f"test/{k}": v for k, v in self.test_metrics.items()})
-        self.test_results = {k: _gather_lists(v) for k, v in self.test_results.items()}
+        self.test_results = {k: merge_rank_results(_gather_lists(v)) for k, v in self.test_results.items()}
         times = self.test_times_ms[1:] or self.test_times_ms  # the first batch warms up
         self.test_time_ms = statistics.median(times) if times else float("nan")
 
@@ -223,10 +223,25 @@ class DetectionModule(L.LightningModule):
             checkpoint["category_ids"] = list(self.category_ids)
 
 
-def _gather_lists(items: list) -> list:
-    """Concatenate a per-rank python list across DDP ranks (identity when not distributed)."""
+def _gather_lists(items: list) -> list[list]:
+    """Every DDP rank's python list, in rank order (``[items]`` when not distributed)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return items
+        return [items]
     gathered: list[list] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
     torch.distributed.all_gather_object(gathered, items)
-    return [x for part in gathered for x in part]
+    return gathered
+
+
+def merge_rank_results(parts: list[list[dict]]) -> list[dict]:
+    """Concatenate per-rank COCO results; an image seen by an earlier rank keeps that rank's entries only.
+
+    ``DistributedSampler`` pads the last round with images other ranks also evaluate; their
+    detections would be written twice (the evaluation server would count the copies as false
+    positives). Padding never repeats an image on the same rank, so rank order decides.
+    """
+    out: list[dict] = []
+    seen: set[int] = set()
+    for part in parts:
+        out.extend(d for d in part if d["image_id"] not in seen)
+        seen |= {d["image_id"] for d in part}
+    return out

@@ -12,6 +12,7 @@ import torch
 from detection.data.coco import build_transforms
 from detection.tta import TTAView, merge_views, resized_size, tta_views, unflip, view_image
 from lightning_modules import builders as B
+from lightning_modules.detection_module import merge_rank_results
 from lightning_modules.evaluate import evaluate
 from lightning_modules.train import train
 from tests.conftest import TINY, compose_cfg, small_neck
@@ -194,3 +195,13 @@ def test_test_dev_images_only_writes_the_server_files_and_no_metrics(mask_run, s
         assert ("segmentation" in dets[0]) == (iou_type == "segm") and ("bbox" in dets[0]) == (iou_type == "bbox")
     with pytest.raises(ValueError, match="eval.results_name"):
         evaluate(compose_cfg("eval", [*over, "eval.results_name=my_model"], tmp / "testdev_bad"))
+
+
+def test_ddp_padding_repeats_are_written_once():
+    # 5 images on 2 ranks: DistributedSampler pads rank 1 with image 1 again
+    rank0 = [{"image_id": 1, "score": 0.9}, {"image_id": 1, "score": 0.2}, {"image_id": 3, "score": 0.5}]
+    rank1 = [{"image_id": 2, "score": 0.7}, {"image_id": 4, "score": 0.1}, {"image_id": 1, "score": 0.9},
+             {"image_id": 1, "score": 0.2}]
+    merged = merge_rank_results([rank0, rank1])
+    assert [(d["image_id"], d["score"]) for d in merged] == [(1, 0.9), (1, 0.2), (3, 0.5), (2, 0.7), (4, 0.1)]
+    assert merge_rank_results([rank0]) == rank0
