@@ -28,17 +28,13 @@ Distributed training: a G step leaves D without gradients and vice versa, so DDP
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 
 from detection.detectors import Detector
@@ -73,7 +69,6 @@ __all__ = [
     "AdversarialSteps",
     "gan_optimizer_steps",
     "check_gan_compatible",
-    "feature_comparison_figure",
 ]
 
 STAGE1 = "stage 1 (SRF-GAN)"
@@ -107,71 +102,6 @@ def check_gan_compatible(
         raise ValueError(f"{source}: F's levels have {c} channels but the discriminator takes {discriminator.in_channels}")
     if target.num_top_down < 1:
         raise ValueError(f"{source}: F has no top-down levels")
-
-
-# ------------------------------------------------------------------------------------ visualisation
-def feature_comparison_figure(
-    lr: Tensor, sr: Tensor, tr: Tensor, valid: tuple[int, int] | None = None, title: str = ""
-) -> np.ndarray:
-    """Fig. 2 of the paper: one feature map under nearest / bilinear / SRF against the target.
-
-    ``lr`` (C, h, w), ``sr`` and ``tr`` (C, H, W); each panel shows the mean |activation| over
-    channels on one colour scale (the target's 1-99th percentiles), its L1 to the target in the title.
-    ``valid`` crops the padding away. Returns the RGB image (H, W, 3) uint8.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    size = tr.shape[-2:]
-    panels = OrderedDict(
-        [
-            ("nearest", F.interpolate(lr[None], size=size, mode="nearest")[0]),
-            ("bilinear", F.interpolate(lr[None], size=size, mode="bilinear", align_corners=False)[0]),
-            ("SRF (G)", sr),
-            ("target F(I_tr)", tr),
-        ]
-    )
-    h, w = valid if valid is not None else size
-    maps = {k: v[:, :h, :w].float() for k, v in panels.items()}
-    energy = {k: v.abs().mean(0).numpy() for k, v in maps.items()}
-    lo, hi = np.percentile(energy["target F(I_tr)"], [1, 99])
-    fig = Figure(figsize=(4 * 3.2, 3.2 * max(0.4, h / max(w, 1)) + 0.8), dpi=100)
-    FigureCanvasAgg(fig)
-    for i, (name, e) in enumerate(energy.items()):
-        ax = fig.add_subplot(1, 4, i + 1)
-        ax.imshow(e, cmap="viridis", vmin=lo, vmax=hi if hi > lo else lo + 1e-6)
-        l1 = float((maps[name] - maps["target F(I_tr)"]).abs().mean())
-        ax.set_title(f"{name}\nL1 {l1:.4f}", fontsize=9)
-        ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-
-
-def _write_figure(module: L.LightningModule, image: np.ndarray, tag: str) -> Path:
-    """PNG into ``<run dir>/srf_features/`` and the image to W&B / TensorBoard when attached."""
-    from PIL import Image
-
-    step = module.global_step // 2
-    out = Path(module.trainer.default_root_dir) / "srf_features"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"step{step:08d}.png"
-    Image.fromarray(image).save(path)
-    for lg in module.loggers:
-        if isinstance(lg, WandbLogger):
-            lg.log_image(key=tag, images=[str(path)], step=step)
-        elif isinstance(lg, TensorBoardLogger):
-            lg.experiment.add_image(tag, image, global_step=step, dataformats="HWC")
-    return path
-
-
-def _valid_size(image_hw: Sequence[int], padded_hw: Sequence[int], feat_hw: Sequence[int]) -> tuple[int, int]:
-    """Feature pixels covering the unpadded image (the rest of the map is padding)."""
-    return tuple(
-        max(1, min(f, math.ceil(i * f / p))) for i, p, f in zip(image_hw, padded_hw, feat_hw)
-    )  # type: ignore[return-value]
 
 
 class AdversarialSteps:
@@ -284,9 +214,8 @@ class SRFGANModule(AdversarialSteps, L.LightningModule):
         source: the F checkpoint's path, named by compatibility errors.
 
     Logs ``train/{l1,adv,loss,d_loss,d_acc_real,d_acc_fake}`` and, on validation, ``val/l1`` (the
-    checkpoint monitor, mode min) with ``val/l1_nearest`` / ``val/l1_bilinear`` as references. After
-    every validation the Fig. 2 comparison of the finest top-down level goes to
-    ``<trainer.default_root_dir>/srf_features/step*.png`` and to W&B / TensorBoard.
+    checkpoint monitor, mode min) with ``val/l1_nearest`` / ``val/l1_bilinear`` as references.
+    The Fig. 2 image is a callback (:class:`lightning_modules.srfgan_figure.SRFFeatureFigure`).
     """
 
     stage = STAGE1
@@ -328,7 +257,6 @@ class SRFGANModule(AdversarialSteps, L.LightningModule):
         self.gradient_clip = gradient_clip
         self.source = source
         self.run_config: dict | None = None  # resolved config, stored in checkpoints
-        self._figure: tuple | None = None
 
     @property
     def iteration(self) -> int:
@@ -359,7 +287,7 @@ class SRFGANModule(AdversarialSteps, L.LightningModule):
 
     def validation_step(self, batch: tuple[list[Tensor], list[dict]], batch_idx: int) -> None:
         images, _ = batch
-        real, low, sizes = self.target_pairs(images)
+        real, low, _ = self.target_pairs(images)
         fake = [self.generator(p, r.shape[-2:]) for p, r in zip(low, real)]
 
         def interp(mode: str) -> list[Tensor]:
@@ -370,18 +298,6 @@ class SRFGANModule(AdversarialSteps, L.LightningModule):
         self.log("val/l1", l1_loss(fake, real), batch_size=bs, sync_dist=True, prog_bar=True)
         self.log("val/l1_nearest", l1_loss(interp("nearest"), real), batch_size=bs, sync_dist=True)
         self.log("val/l1_bilinear", l1_loss(interp("bilinear"), real), batch_size=bs, sync_dist=True)
-        if batch_idx == 0:
-            valid = _valid_size(sizes[0], sizes[1], real[0].shape[-2:])
-            self._figure = (low[0][0].float().cpu(), fake[0][0].float().cpu(), real[0][0].float().cpu(), valid)
-
-    def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or self._figure is None:
-            return
-        if self.trainer.is_global_zero:
-            lr, sr, tr, valid = self._figure
-            title = f"{self.stage}, step {self.iteration}: finest top-down level (stride {self.target.strides[0]})"
-            _write_figure(self, feature_comparison_figure(lr, sr, tr, valid, title), "val/srf_features")
-        self._figure = None
 
     def configure_optimizers(self) -> tuple[list, list]:
         opt_d = self.optimizer_d_factory([p for p in self.discriminator.parameters() if p.requires_grad])

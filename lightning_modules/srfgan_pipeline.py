@@ -420,6 +420,9 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     if 1 in stages:
         def stage1() -> dict[str, Any]:
             scfg = gan_trainer_config(stage_config(cfg, where[1], "stage1"), "val/l1", "min")
+            with open_dict(scfg):  # Fig. 2 after every validation
+                scfg.callbacks = scfg.get("callbacks") or {}
+                scfg.callbacks.srf_features = {"_target_": "lightning_modules.srfgan_figure.SRFFeatureFigure"}
             module = build_stage1_module(scfg, ckpt(0))
             gd = [module.generator, module.discriminator]
             params = {"params_total": sum(count_parameters(m) for m in gd),

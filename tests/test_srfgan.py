@@ -24,6 +24,7 @@ from lightning_modules import builders as B
 from lightning_modules import srfgan_module as SM
 from lightning_modules.checkpoints import build_net as build_detector_from_config
 from lightning_modules.checkpoints import load_checkpoint
+from lightning_modules.srfgan_figure import SRFFeatureFigure, write_figure
 from lightning_modules.srfgan_module import SRFExtractorModule, SRFGANModule, gan_optimizer_steps
 from lightning_modules.srfgan_pipeline import (
     build_stage1_module,
@@ -353,8 +354,8 @@ def test_checkpoint_roundtrip_of_both_optimizers_and_schedulers(tmp_path):
                               enable_version_counter=False)
     module = _tiny_module()
     loggers = [CSVLogger(tmp_path, name="csv", version=""), TensorBoardLogger(tmp_path, name="tb", version="")]
-    trainer = _trainer(tmp_path, 3, callbacks=[ckpt_cb], logger=loggers, val_check_interval=2, check_val_every_n_epoch=None,
-                       limit_val_batches=1)
+    trainer = _trainer(tmp_path, 3, callbacks=[ckpt_cb, SRFFeatureFigure()], logger=loggers, val_check_interval=2,
+                       check_val_every_n_epoch=None, limit_val_batches=1)
     trainer.fit(module, _loader(4), _loader(2))
     assert trainer.global_step == 6  # 3 iterations, 2 optimizer steps each
     assert sorted(p.name for p in (tmp_path / "srf_features").glob("*.png")) == ["step00000002.png"]  # Fig. 2
@@ -440,7 +441,7 @@ def stages(tmp_path_factory, shapes_root):
                                         "data.max_size=80"], tmp / "s1", shapes_root)
     module = build_stage1_module(cfg1, stage0)
     dm = instantiate(cfg1.data, with_masks=False, _convert_="all")
-    trainer = _trainer(tmp / "s1", 2, limit_train_batches=2, limit_val_batches=1)
+    trainer = _trainer(tmp / "s1", 2, limit_train_batches=2, limit_val_batches=1, callbacks=[SRFFeatureFigure()])
     trainer.fit(module, datamodule=dm)
     stage1 = tmp / "s1" / "stage1.ckpt"
     trainer.save_checkpoint(stage1)
@@ -469,7 +470,7 @@ def test_fig2_image_reaches_wandb_and_the_run_dir(tmp_path):
     )
     image = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
     try:
-        path = SM._write_figure(module, image, "srf/features")
+        path = write_figure(module, image, "srf/features")
     finally:
         logger.experiment.finish()
     assert path == tmp_path / "srf_features" / "step00000003.png"  # 6 optimizer steps = 3 GAN iterations
