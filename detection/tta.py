@@ -10,7 +10,7 @@ optionally ``masks`` (N, 1, H, W) probabilities in the input frame).
 Example::
 
     >>> views = tta_views([800], flip=True, max_size=1333)
-    >>> inputs = [view_image(img, orig_hw, v) for v in views]         # (3, 800, 1067), mirrored copy
+    >>> inputs = [view_image(img, orig_hw, v, max_size=1333) for v in views]  # (3, 800, 1067), mirrored copy
     >>> preds = [net([x])[0] for x in inputs]
     >>> merged = merge_views(preds, [x.shape[-2:] for x in inputs], views, orig_hw, with_masks=False)
 """
@@ -191,6 +191,8 @@ def merge_views(
     if with_masks:
         # Masks are resized to file pixels only for the kept detections (all views' masks at full
         # resolution would be views x 100 x H0 x W0); a kept detection keeps its own view's mask.
+        # (Detectron2 instead re-runs the mask head on the merged boxes in every view and averages:
+        # that needs the detector's RoI heads, and this merge must work for any detector.)
         h0, w0 = (int(v) for v in orig_hw)
         masks = torch.zeros((len(keep), h0, w0), dtype=torch.bool, device=boxes.device)
         offsets = [0]
