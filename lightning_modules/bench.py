@@ -258,6 +258,17 @@ def run_necks(b: DictConfig, device: torch.device) -> dict[str, Any]:
         # per-repeat ratio, then the median: each pair ran seconds apart in the same pass
         return statistics.median(t / r for t, r in zip(c, ref))
 
+    def spread(c: list[float], ref: list[float], key: str) -> dict[str, Any]:
+        """The per-repeat ratios' quartiles and the median's standard error (1.2533 s / sqrt(n), the
+        normal approximation): two runs agree within about 2 x sem when the machine behaves alike."""
+        ratios = [t / r for t, r in zip(c, ref)]
+        out: dict[str, Any] = {f"{key}_repeats": [round(v, 4) for v in ratios]}
+        if len(ratios) >= 2:
+            q = statistics.quantiles(ratios, n=4, method="inclusive")
+            out[f"{key}_q25"], out[f"{key}_q75"] = round(q[0], 4), round(q[2], 4)
+            out[f"{key}_sem"] = round(1.2533 * statistics.stdev(ratios) / math.sqrt(len(ratios)), 4)
+        return out
+
     rows, gpu_rows = [], []
     for c in candidates:
         ref = by_key[c.detector, b.reference_neck, c.variant]
@@ -266,12 +277,14 @@ def run_necks(b: DictConfig, device: torch.device) -> dict[str, Any]:
             "detector": c.detector, "neck": c.neck, **params[c.detector, c.neck],
             "ms_median": round(st["median"], 3), "ms_min": round(st["min"], 3), "ms_max": round(st["max"], 3),
             "ratio_vs_fpn": round(paired(c.ms, ref.ms), 4), "detections": c.detections,
+            **spread(c.ms, ref.ms, "ratio_vs_fpn"),
         }
         if device.type == "cpu":
             # On a machine shared with other jobs wall time also counts waiting for a core; the
             # process's CPU time does not, so its ratio is the steadier figure there.
             row["cpu_ms_median"] = round(statistics.median(c.cpu_ms), 3)
             row["ratio_vs_fpn_cpu"] = round(paired(c.cpu_ms, ref.cpu_ms), 4)
+            row.update(spread(c.cpu_ms, ref.cpu_ms, "ratio_vs_fpn_cpu"))
         if c.variant == FP32:
             rows.append(row)
         else:
@@ -677,6 +690,13 @@ def check_targets(results: dict[str, Any], b: DictConfig) -> list[dict[str, Any]
     return checks
 
 
+def _ratio_cell(row: dict[str, Any], key: str) -> str:
+    """``1.051 ± 0.008 [1.030, 1.070]``: median ratio, its standard error, the per-repeat quartiles."""
+    if f"{key}_sem" not in row:
+        return f"{row[key]:.3f}"
+    return f"{row[key]:.3f} ± {row[f'{key}_sem']:.3f} [{row[f'{key}_q25']:.3f}, {row[f'{key}_q75']:.3f}]"
+
+
 def _md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -704,12 +724,13 @@ def render_markdown(results: dict[str, Any]) -> str:
              f"× {cfg['reference_neck']}", *(["CPU ms median", f"× {cfg['reference_neck']} (CPU time)"] if cpu else []),
              "detections"],
             [[r["detector"], r["neck"], f"{r['params_trainable'] / 1e6:.2f}", f"{r['params_total'] / 1e6:.2f}",
-              f"{r['ms_median']:.1f}", f"{r['ms_min']:.1f}", f"{r['ms_max']:.1f}", f"{r['ratio_vs_fpn']:.3f}",
-              *([f"{r['cpu_ms_median']:.1f}", f"{r['ratio_vs_fpn_cpu']:.3f}"] if cpu else []), r["detections"]]
+              f"{r['ms_median']:.1f}", f"{r['ms_min']:.1f}", f"{r['ms_max']:.1f}", _ratio_cell(r, "ratio_vs_fpn"),
+              *([f"{r['cpu_ms_median']:.1f}", _ratio_cell(r, "ratio_vs_fpn_cpu")] if cpu else []), r["detections"]]
              for r in results["necks"]],
         )
         out += ["", f"× {cfg['reference_neck']}: median over repeats of the per-repeat time ratio to the same "
-                f"detector with {cfg['reference_neck']}; CPU time: this process's, all threads (on a shared "
+                f"detector with {cfg['reference_neck']}, ± the median's standard error, [quartiles of the per-repeat "
+                "ratios]; CPU time: this process's, all threads (on a shared "
                 "machine wall time also counts waiting for a core). Random weights; detections: what each model kept of the "
                 f"random image (post-processing and the mask head scale with it). Peak memory: {results['memory']}."]
     if results.get("gpu"):

@@ -43,8 +43,10 @@ TINY_BENCH = [
 ]
 
 NECK_ROW = {"detector", "neck", "params_trainable", "params_total", "ms_median", "ms_min", "ms_max", "ratio_vs_fpn"}
-EXTRA_ROW = {"detections"}
-CPU_ROW = {"cpu_ms_median", "ratio_vs_fpn_cpu"}  # process CPU time: the steadier figure on a shared CPU
+# the ratio's spread across repeats: per-repeat ratios, quartiles, standard error of the median
+SPREAD = {"_repeats", "_q25", "_q75", "_sem"}
+EXTRA_ROW = {"detections"} | {"ratio_vs_fpn" + k for k in SPREAD}
+CPU_ROW = {"cpu_ms_median", "ratio_vs_fpn_cpu"} | {"ratio_vs_fpn_cpu" + k for k in SPREAD}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +68,8 @@ def test_tiny_bench_writes_every_key(tiny_bench):
     on_cpu = saved["device"]["device"] == "cpu"
     for r in rows.values():
         assert set(r) == NECK_ROW | EXTRA_ROW | (CPU_ROW if on_cpu else set()) and r["detector"] == "retinanet"
+        assert len(r["ratio_vs_fpn_repeats"]) == 2 and r["ratio_vs_fpn_q25"] <= r["ratio_vs_fpn_q75"]
+        assert r["ratio_vs_fpn_sem"] >= 0
         assert 0 < r["ms_min"] <= r["ms_median"] <= r["ms_max"]
         assert r["params_total"] >= r["params_trainable"] > 0
     assert rows["fpn"]["ratio_vs_fpn"] == 1.0 and rows["fpn"].get("ratio_vs_fpn_cpu", 1.0) == 1.0
