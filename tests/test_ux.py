@@ -304,3 +304,49 @@ def test_one_resolved_config_and_one_percent_table_also_in_train_log(tmp_path, s
     assert "Tip:" not in out
     log = (run_dir / "train.log").read_text()
     assert f"output_dir: {run_dir}" in log and "COCO metrics" in log and "AP50" in log
+
+
+# ------------------------------------------------------------------------------- export
+@pytest.fixture(scope="module")
+def spread_ckpt(tmp_path_factory, shapes_root) -> Path:
+    """A tiny RetinaNet whose class scores are spread out (random cls bias): an untrained one scores every
+    anchor ~0.01, and detections tied in score are kept in an arbitrary order by any implementation."""
+    tmp = tmp_path_factory.mktemp("spread")
+    path = save_detector_checkpoint(tmp, shapes_root, [])
+    ckpt = torch.load(path, weights_only=True)
+    gen = torch.Generator().manual_seed(0)
+    for k, v in ckpt["state_dict"].items():
+        if k.endswith("cls_logits.bias"):
+            ckpt["state_dict"][k] = v + 3 * torch.randn(v.shape, generator=gen)
+        elif k.endswith("cls_logits.weight"):  # logits that depend on the image: no ties across positions
+            ckpt["state_dict"][k] = 100 * v
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_runs_like_the_pytorch_model(tmp_path, spread_ckpt, shapes_root, fmt):
+    from lightning_modules.export import export
+    from lightning_modules.predict import load_detector
+
+    image_file = next((shapes_root / "val").glob("*.jpg"))
+    cfg = compose_cfg("export", [f"ckpt_path={spread_ckpt}", f"format={fmt}", f"input={image_file}"], tmp_path)
+    record = export(cfg)
+    saved = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert saved == record and Path(record["file"]).is_file()
+    assert record["detections_exported"] == record["detections_pytorch"] > 0
+    assert record["max_score_diff"] <= 1e-4 and record["matched"] == 1.0 and record["any_input_size"] is True
+    # the file on its own, on an image of another size, against the PyTorch model
+    loaded = load_detector(spread_ckpt)
+    other = torch.rand(3, 112, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = loaded.net([other])[0]
+    if fmt == "torchscript":
+        boxes, scores, labels = torch.jit.load(record["file"])(other)
+    else:
+        import onnxruntime as ort
+
+        boxes, scores, labels = (torch.from_numpy(a) for a in ort.InferenceSession(
+            record["file"], providers=["CPUExecutionProvider"]).run(None, {"image": other.numpy()}))
+    assert torch.allclose(scores, ref["scores"], atol=1e-4) and torch.equal(labels, ref["labels"])
+    assert torch.allclose(boxes, ref["boxes"], atol=1e-2)
