@@ -350,3 +350,67 @@ def test_export_runs_like_the_pytorch_model(tmp_path, spread_ckpt, shapes_root, 
             record["file"], providers=["CPUExecutionProvider"]).run(None, {"image": other.numpy()}))
     assert torch.allclose(scores, ref["scores"], atol=1e-4) and torch.equal(labels, ref["labels"])
     assert torch.allclose(boxes, ref["boxes"], atol=1e-2)
+
+
+def _fake_job(sweep: Path, num: int, overrides: list[str]) -> Path:
+    """A job folder as Hydra leaves it: .hydra/overrides.yaml and hydra.yaml with the job number."""
+    job = sweep / f"{num}_{','.join(overrides)}"
+    (job / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(overrides), job / ".hydra" / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": {"job": {"num": num}}}), job / ".hydra" / "hydra.yaml")
+    return job
+
+
+def test_srfgan_sweep_plan_keeps_finished_stages_and_marks_completed_jobs(tmp_path):
+    """pyramidlab-srfgan jobs: results per stage (stage.json), no top-level metrics.json of their own."""
+    from types import SimpleNamespace
+
+    from hydra.core.utils import JobStatus
+    from hydra.types import RunMode
+
+    from lightning_modules.hydra_callbacks import SweepReport, plan_sweep
+
+    sweep = tmp_path / "sweep"
+    expected = [["srf.adv_weight=0.001"], ["srf.adv_weight=0.01"], ["srf.adv_weight=0.1"]]
+    done = _fake_job(sweep, 0, expected[0])
+    half = _fake_job(sweep, 1, expected[1])
+    (half / "stage0").mkdir()
+    (half / "stage0" / "stage.json").write_text("{}")
+    # the finished job: the callback writes its metrics.json when the job returns
+    cfg = OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN, "runtime": {"output_dir": str(done)}}})
+    SweepReport().on_job_end(cfg, SimpleNamespace(status=JobStatus.COMPLETED))
+    assert json.loads((done / "metrics.json").read_text())["status"] == "completed"
+    plan = plan_sweep(sweep, expected)
+    assert [(p.num, p.action, p.extra) for p in plan] == [(0, "skip", []), (1, "resume", []), (2, "start", [])]
+    assert "stage0" in plan[1].reason
+    # a failed job keeps its error: on_job_end does not overwrite it
+    failed = _fake_job(tmp_path / "other", 0, ["seed=1"])
+    (failed / "metrics.json").write_text(json.dumps({"status": "failed", "error": "ValueError: x"}))
+    cfg.hydra.runtime.output_dir = str(failed)
+    SweepReport().on_job_end(cfg, SimpleNamespace(status=JobStatus.COMPLETED))
+    assert json.loads((failed / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_validation_images_reach_wandb_with_box_layers(tmp_path, shapes_root, monkeypatch):
+    from lightning_modules.train import train
+    from tests.test_sweeps import wandb_records, wandb_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    over = TINY + small_neck("fpn") + [
+        "logger=wandb", "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1", "callbacks.val_images.num_images=2", "callbacks.val_images.score_threshold=0",
+    ]
+    train(compose_cfg("train", over, tmp_path, shapes_root))
+    run = next((tmp_path / "out" / "wandb").glob("offline-run-*"))
+    wandb_run(run)  # waits for the run's exit record
+    # wandb stores a media value as one history item per field: val/images/_type, .../count, ...
+    media = {}
+    for rec in wandb_records(next(run.glob("run-*.wandb"))):
+        if rec.WhichOneof("record_type") == "history":
+            for i in rec.history.item:
+                key = i.key or "/".join(i.nested_key)
+                if key.startswith("val/images/"):
+                    media[key.removeprefix("val/images/")] = json.loads(i.value_json)
+    assert media["_type"] == "images/separated" and media["count"] == 2
+    # one box layer of ground truth and one of predictions per image
+    assert set(media["all_boxes"][0]) == {"ground_truth", "predictions"}
