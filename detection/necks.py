@@ -1,15 +1,23 @@
-"""Pyramid necks: FPN and PAFPN with a pluggable upsampling operator.
+"""Pyramid necks: the neck contract, and FPN and PAFPN with a pluggable upsampling operator.
 
 Both take the backbone body's ``OrderedDict[str, Tensor]`` (finest first) and return
 one with the same keys followed by the extra levels (``'p6', 'p7'`` or ``'pool'``),
 every level with ``out_channels`` channels. The top-down pathway's ×2 step is an
-injected module (``Interpolate`` here; SRF-GAN's learned generator later), in the
-spirit of torchvision's injected ``extra_blocks``.
+injected module (``Interpolate`` here; SRF-GAN's generator, passed as ``upsample=``), in
+the spirit of torchvision's injected ``extra_blocks``.
+
+The neck contract (:class:`Neck`) is what detectors, SMSL and SRF-GAN rely on; a neck that
+refines another (SMSL) keeps it as ``base`` and the pyramid it wraps is found with
+:func:`pyramid_of`. A detector builds its neck as ``neck(in_channels_list=..., extra_levels=...)``:
+the detector config owns ``extra_levels`` (its head needs P6/P7 or the RPN's pool level), the
+neck config owns ``out_channels`` (a wrapping neck passes both to its base).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,6 +25,37 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 
 INTERPOLATION_MODES = ("nearest", "bilinear", "bicubic")
 EXTRA_LEVELS = ("p6p7_c5", "p6p7_p5", "maxpool", "none")
+
+
+@runtime_checkable
+class Neck(Protocol):
+    """What every neck provides.
+
+    Attributes:
+        out_channels: C of every output level.
+        num_levels: output levels: the body's (top-down) levels, then the extra ones.
+        num_top_down: the body's levels among them (the first ``num_top_down`` keys).
+
+    ``forward(OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]``: the body's levels,
+    finest first, to ``num_levels`` levels keeping the body's keys (``'0'..`` for the R-CNNs'
+    RoI poolers) followed by the extra levels' (``'p6', 'p7'`` or ``'pool'``).
+    """
+
+    out_channels: int
+    num_levels: int
+    num_top_down: int
+
+    def __call__(self, x: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]: ...
+
+
+def pyramid_of(neck: nn.Module) -> FPN:
+    """The :class:`FPN` (or PAFPN) inside ``neck``: itself, or the ``base`` of a wrapping neck."""
+    m: nn.Module | None = neck
+    while m is not None:
+        if isinstance(m, FPN):
+            return m
+        m = getattr(m, "base", None)
+    raise ValueError(f"neck {type(neck).__name__} has no FPN / PAFPN inside (its `base` chain ends without one)")
 
 
 class Interpolate(nn.Module):
@@ -73,6 +112,49 @@ def num_extra_levels(extra_levels: str) -> int:
     return {"p6p7_c5": 2, "p6p7_p5": 2, "maxpool": 1, "none": 0}[extra_levels]
 
 
+def pinned(factory: Callable[..., nn.Module], key: str) -> Any:
+    """The value a partial neck constructor pins for ``key``, looking through wrapped ``base``s."""
+    keywords = getattr(factory, "keywords", {})
+    if keywords.get(key) is not None:
+        return keywords[key]
+    inner = keywords.get("base")
+    return pinned(inner, key) if inner is not None else None
+
+
+def pinned_out_channels(factory: Callable[..., nn.Module]) -> int | None:
+    """The width a partial neck constructor pins (``out_channels=``), looking through wrapped ``base``s."""
+    value = pinned(factory, "out_channels")
+    return None if value is None else int(value)
+
+
+def build_base(
+    base: Callable[..., nn.Module],
+    in_channels_list: list[int],
+    out_channels: int | None = None,
+    extra_levels: str | None = None,
+    upsample: str | nn.Module | None = None,
+) -> nn.Module:
+    """Build the neck a wrapping neck refines (SMSL after FPN; SRF's FPN with G as ``upsample``),
+    passing down what the wrapper received — the pyramid width (its one source is the outer
+    neck's ``out_channels``), the detector's ``extra_levels`` and the top-down ``upsample``.
+
+    ``base`` is a partial neck constructor; a width pinned in it that differs is an error.
+    """
+    pinned = pinned_out_channels(base)
+    if out_channels is not None and pinned is not None and pinned != out_channels:
+        raise ValueError(
+            f"neck.out_channels={out_channels} but the base neck has out_channels={pinned}; "
+            "set neck.out_channels only (the base neck follows it)"
+        )
+    kwargs = {k: v for k, v in (("out_channels", out_channels), ("extra_levels", extra_levels),
+                                ("upsample", upsample)) if v is not None}
+    neck = base(in_channels_list=list(in_channels_list), **kwargs)
+    for attr in ("out_channels", "num_levels"):
+        if getattr(neck, attr, None) is None:
+            raise ValueError(f"base neck {type(neck).__name__} has no {attr} attribute (see detection.necks.Neck)")
+    return neck
+
+
 def _init_conv(m: nn.Conv2d) -> nn.Conv2d:
     nn.init.kaiming_uniform_(m.weight, a=1)
     nn.init.constant_(m.bias, 0)
@@ -120,7 +202,13 @@ class FPN(nn.Module):
         )
         self.extra_levels = extra_levels
         self.extra_block = build_extra_block(extra_levels, self.in_channels_list[-1], out_channels)
-        self.num_levels = len(in_channels_list) + num_extra_levels(extra_levels)
+        self.num_top_down = len(in_channels_list)
+        self.num_levels = self.num_top_down + num_extra_levels(extra_levels)
+
+    def per_level_modules(self) -> dict[str, int]:
+        """The ``ModuleList`` attributes holding one module per top-down level, with the level of their
+        entry 0 (a stage that moves weights between pyramids with other levels matches them by it)."""
+        return {"lateral_convs": 0, "output_convs": 0}
 
     def top_down(self, feats: list[Tensor]) -> list[Tensor]:
         """Lateral 1×1 convs + top-down pathway; returns the merged maps (before 3×3 convs)."""
@@ -169,6 +257,10 @@ class PAFPN(FPN):
         self.pafpn_convs = nn.ModuleList(
             _init_conv(nn.Conv2d(out_channels, out_channels, 3, padding=1)) for _ in range(n)
         )
+
+    def per_level_modules(self) -> dict[str, int]:
+        # downsample_convs[i] leaves level i; pafpn_convs[i] makes level i + 1
+        return {**super().per_level_modules(), "downsample_convs": 0, "pafpn_convs": 1}
 
     def forward(self, x: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
         names, feats = list(x.keys()), list(x.values())

@@ -44,6 +44,7 @@ from lightning_modules.report import write_report
 from srfgan import (
     TargetNetwork,
     freeze_generator,
+    generator_of,
     load_discriminator_state,
     load_generator_state,
     transfer_extractor,
@@ -221,24 +222,17 @@ def load_target_network(path: str | Path, what: str = "srf.ckpt.stage0") -> Targ
         raise ValueError(f"{what}: {path}: {e}") from e
 
 
-def _channels(cfg: DictConfig) -> int:
-    neck = cfg.neck
-    if neck.get("generator") is None:
-        raise ValueError("neck: the SRF-GAN stages need an SRF neck config (neck=srf_fpn | srf_pafpn) for the generator")
-    return int(neck.out_channels)
-
-
 def build_stage1_module(cfg: DictConfig, target_ckpt: str | Path) -> S.SRFGANModule:
-    """Stage 1 from a composed config: F from ``target_ckpt``, G from ``cfg.neck.generator`` (the same
-    generator config as the stage-3 neck, so its weights fit), D and the optimisation from ``cfg.srf``.
+    """Stage 1 from a composed config: F from ``target_ckpt``; G as the configured neck builds it (the
+    generator of a fresh target detector: its weights fit the stage-2/3 necks); D and the optimisation
+    from ``cfg.srf``.
     """
     from hydra.utils import instantiate
 
     srf = cfg.srf
-    channels = _channels(cfg)
     target = load_target_network(target_ckpt)
-    generator = instantiate(cfg.neck.generator)(channels=channels)
-    discriminator = instantiate(srf.discriminator)(in_channels=channels)
+    generator = generator_of(build_net(cfg, backbone_weights=False), "neck (SRF-GAN stage 1)")
+    discriminator = instantiate(srf.discriminator)(in_channels=generator.channels)
     module = S.SRFGANModule(
         target, generator, discriminator,
         optimizer_g=build_optimizer(cfg, srf.stage1.optimizer_g, "srf.stage1.optimizer_g"),

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detection.necks import build_base
+
 __all__ = [
     "SMSL",
     "SMSLNeck",
@@ -387,6 +389,7 @@ class SMSLNeck(nn.Module):
         self.smsl = smsl
         self.out_channels = out_channels
         self.num_levels = smsl.num_levels
+        self.num_top_down = getattr(base, "num_top_down", smsl.num_levels)
 
     def forward(self, x: Any) -> OrderedDict[str, Tensor]:
         """``x`` is whatever the base neck takes (e.g. the backbone's feature dict)."""
@@ -424,21 +427,15 @@ def smsl_after(
     channel_rescaling: bool = True,
     global_feature: bool = True,
     out_channels: int | None = None,
+    extra_levels: str | None = None,
+    upsample: str | nn.Module | None = None,
 ) -> SMSLNeck:
-    """Neck factory for config: build ``base(in_channels_list=...)`` and put SMSL after it.
+    """Neck factory for config: build ``base`` and put SMSL after it (``neck=smsl_fpn | smsl_pafpn``).
 
-    ``base`` is a partial neck constructor (FPN, PAFPN, ...) exposing ``num_levels`` and
-    ``out_channels``; this is the ``neck=smsl_fpn`` / ``neck=smsl_pafpn`` entry point.
-    ``out_channels``, when given, is checked against the base's: configs set the pyramid
-    width once as ``neck.out_channels`` for every neck (the base interpolates it).
+    ``base`` is a partial neck constructor (FPN, PAFPN, ...) keeping the neck contract
+    (:class:`detection.necks.Neck`). ``out_channels`` (the pyramid width, set once as
+    ``neck.out_channels``), ``extra_levels`` (the detector's) and ``upsample`` (an SRF generator
+    when an SRF neck wraps this one) are passed down to it.
     """
-    base_neck = base(in_channels_list=in_channels_list)
-    if out_channels is not None and base_neck.out_channels != out_channels:
-        raise ValueError(
-            f"neck.out_channels={out_channels} but the base neck has out_channels={base_neck.out_channels}; "
-            "set neck.out_channels only (neck.base.out_channels follows it)"
-        )
-    num_levels = getattr(base_neck, "num_levels", None)
-    if num_levels is None:
-        raise ValueError(f"base neck {type(base_neck).__name__} has no num_levels attribute")
-    return build_smsl_neck(base_neck, num_levels, reduction, gather_level, channel_rescaling, global_feature)
+    base_neck = build_base(base, in_channels_list, out_channels, extra_levels, upsample)
+    return build_smsl_neck(base_neck, base_neck.num_levels, reduction, gather_level, channel_rescaling, global_feature)

@@ -26,7 +26,7 @@ from srfgan.losses import (
     l1_loss,
     srf_loss,
 )
-from srfgan.neck import UPSAMPLERS, SRFNeck, find_upsampler_owner, srf_neck, top_down_channels
+from srfgan.neck import UPSAMPLERS, SRFNeck, srf_neck, top_down_channels
 from srfgan.target import (
     LEVEL_MATCHING,
     TargetNetwork,
@@ -68,7 +68,6 @@ __all__ = [
     "discriminator_accuracy",
     "discriminator_loss",
     "downsample_nearest",
-    "find_upsampler_owner",
     "fit_to_size",
     "freeze_generator",
     "generator_of",

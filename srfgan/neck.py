@@ -1,8 +1,9 @@
 """SRF neck: a base FPN / PAFPN whose top-down ×2 upsampler is one shared SRF generator (Sec. 4.2).
 
-"We change all the interpolation modules of FPN with the SRF generator": the base neck's pluggable
-``upsample`` (called as ``upsample(x, size)`` on the merged lateral + top-down map, before the 3×3
-output conv) becomes ONE :class:`~srfgan.generator.Generator`, so every top-down level shares it.
+"We change all the interpolation modules of FPN with the SRF generator": the generator is passed
+to the base neck as its ``upsample`` (called as ``upsample(x, size)`` on the merged lateral +
+top-down map, before the 3×3 output conv), so ONE :class:`~srfgan.generator.BaseGenerator` serves
+every top-down level. The base may itself wrap the FPN (SMSL after FPN: ``neck=smsl_srf_fpn``).
 """
 
 from __future__ import annotations
@@ -14,39 +15,25 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from detection.necks import INTERPOLATION_MODES, Interpolate
-from srfgan.generator import BaseGenerator, Generator
+from detection.necks import INTERPOLATION_MODES, Interpolate, build_base, pinned_out_channels, pyramid_of
+from srfgan.generator import BaseGenerator, build_generator
 
-__all__ = ["UPSAMPLERS", "SRFNeck", "srf_neck", "find_upsampler_owner", "top_down_channels"]
+__all__ = ["UPSAMPLERS", "SRFNeck", "srf_neck", "top_down_channels"]
 
 UPSAMPLERS = ("srf", *INTERPOLATION_MODES)
 
 
-def find_upsampler_owner(neck: nn.Module) -> nn.Module:
-    """The module holding the top-down ``upsample`` (the neck itself, or a wrapped ``base``)."""
-    m: Any = neck
-    while m is not None:
-        if isinstance(getattr(m, "upsample", None), nn.Module):
-            return m
-        m = getattr(m, "base", None)
-    raise ValueError(f"neck {type(neck).__name__} has no pluggable top-down `upsample` (expected FPN / PAFPN)")
-
-
 def top_down_channels(neck: nn.Module) -> list[int]:
     """``in_channels_list`` of the FPN inside ``neck``: one entry per top-down (body) level."""
-    owner = find_upsampler_owner(neck)
-    channels = getattr(owner, "in_channels_list", None)
-    if channels is None:
-        raise ValueError(f"neck {type(owner).__name__} has no in_channels_list")
-    return list(channels)
+    return list(pyramid_of(neck).in_channels_list)
 
 
 class SRFNeck(nn.Module):
-    """A base neck whose top-down upsampler is ``upsample`` (an SRF generator or a fixed interpolation).
+    """A base neck whose FPN's top-down upsampler is an SRF generator (or a fixed interpolation).
 
     Args:
-        base: FPN / PAFPN (or a neck wrapping one in ``base``, e.g. SMSL) with ``out_channels``.
-        upsample: the module called as ``upsample(x, size)``; a :class:`Generator` for SRF.
+        base: the neck, built with the upsampler as its FPN's ``upsample`` (:func:`srf_neck` does
+            that); FPN / PAFPN or a neck wrapping one in ``base`` (SMSL).
 
     The output is the base neck's, unchanged in keys and order ('0'..'3' + 'pool' for the
     R-CNNs' RoI poolers and RPN, '0'..'2' + 'p6', 'p7' for RetinaNet / FCOS). The *top-down levels*
@@ -55,25 +42,20 @@ class SRFNeck(nn.Module):
     Extra levels (P6, P7, pool) are not on the top-down path.
     """
 
-    def __init__(self, base: nn.Module, upsample: nn.Module) -> None:
+    def __init__(self, base: nn.Module) -> None:
         super().__init__()
-        out_channels = getattr(base, "out_channels", None)
-        if out_channels is None:
-            raise ValueError(f"base neck {type(base).__name__} has no out_channels attribute")
-        if isinstance(upsample, BaseGenerator) and upsample.channels != out_channels:
-            raise ValueError(
-                f"neck.generator has {upsample.channels} channels but neck.base.out_channels={out_channels}"
-            )
-        find_upsampler_owner(base).upsample = upsample
         self.base = base
-        self.out_channels = out_channels
-        self.num_levels = getattr(base, "num_levels", None)
+        self.out_channels = base.out_channels
+        self.num_levels = base.num_levels
         self.in_channels_list = top_down_channels(base)
         self.num_top_down = len(self.in_channels_list)
+        gen = self.generator
+        if gen is not None and gen.channels != self.out_channels:
+            raise ValueError(f"neck.generator has {gen.channels} channels but neck.out_channels={self.out_channels}")
 
     @property
     def upsample(self) -> nn.Module:
-        return find_upsampler_owner(self.base).upsample
+        return pyramid_of(self.base).upsample
 
     @property
     def generator(self) -> BaseGenerator | None:
@@ -92,36 +74,32 @@ def srf_neck(
     upsample: str = "srf",
     generator: Callable[..., nn.Module] | Mapping[str, Any] | None = None,
     out_channels: int | None = None,
+    extra_levels: str | None = None,
 ) -> SRFNeck:
-    """Neck factory for config (``neck=srf_fpn`` / ``srf_pafpn``), like ``smsl.smsl_after``.
+    """Neck factory for config (``neck=srf_fpn | srf_pafpn | smsl_srf_fpn``), like ``smsl.smsl_after``.
 
     Args:
         in_channels_list: the body's channels, finest first.
-        base: partial neck constructor (FPN, PAFPN, ...) exposing ``out_channels``.
+        base: partial neck constructor (FPN, PAFPN, SMSL after FPN, ...) keeping the neck contract.
         upsample: ``srf`` (the generator) or ``nearest | bilinear | bicubic`` (Table 5's axis).
-        generator: partial :class:`Generator` (``channels`` is filled in from ``base``'s
-            ``out_channels``) or a dict of its keyword arguments; ``None`` = the paper's generator.
+        generator: partial generator (``channels`` is filled in with the pyramid width) or a dict
+            of :func:`~srfgan.generator.build_generator`'s arguments; ``None`` = the paper's generator.
             Ignored unless ``upsample='srf'``.
-        out_channels: the pyramid width as configs set it for every neck (``neck.out_channels``;
-            ``neck.base.out_channels`` follows it); checked against the base when given.
+        out_channels: the pyramid width (``neck.out_channels``: the base and the generator follow
+            it); None: the base's own (256 by default).
+        extra_levels: the detector's extra levels, passed to the base.
     """
     if upsample not in UPSAMPLERS:
         raise ValueError(f"neck.upsample={upsample!r} is not known; choose one of {list(UPSAMPLERS)}")
-    base_neck = base(in_channels_list=in_channels_list)
-    channels = getattr(base_neck, "out_channels", None)
-    if channels is None:
-        raise ValueError(f"base neck {type(base_neck).__name__} has no out_channels attribute")
-    if out_channels is not None and out_channels != channels:
-        raise ValueError(
-            f"neck.out_channels={out_channels} but the base neck has out_channels={channels}; "
-            "set neck.out_channels only (neck.base.out_channels follows it)"
-        )
+    channels = out_channels or pinned_out_channels(base) or 256
     if upsample != "srf":
-        return SRFNeck(base_neck, Interpolate(upsample))
-    if generator is None:
-        factory: Callable[..., nn.Module] = Generator
-    elif isinstance(generator, Mapping):
-        factory = functools.partial(Generator, **dict(generator))
+        module: nn.Module = Interpolate(upsample)
     else:
-        factory = generator
-    return SRFNeck(base_neck, factory(channels=channels))
+        if generator is None:
+            factory: Callable[..., nn.Module] = build_generator
+        elif isinstance(generator, Mapping):
+            factory = functools.partial(build_generator, **dict(generator))
+        else:
+            factory = generator
+        module = factory(channels=channels)
+    return SRFNeck(build_base(base, in_channels_list, channels, extra_levels, module))

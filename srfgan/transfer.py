@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
+from detection.necks import pyramid_of
 from detection.state import load_prefixed_state
 from srfgan.generator import BaseGenerator
-from srfgan.neck import SRFNeck
 
 __all__ = [
     "generator_of",
@@ -33,15 +33,14 @@ __all__ = [
 
 
 def generator_of(net: nn.Module, what: str = "neck") -> BaseGenerator:
-    """The SRF generator of a detector (its neck's, found through wrapping necks such as SMSL)."""
+    """The SRF generator of a detector: the ``upsample`` of the FPN inside its neck."""
     neck = net.backbone.neck
-    m: nn.Module | None = neck
-    while m is not None:
-        if isinstance(m, SRFNeck):
-            if m.generator is None:
-                break
-            return m.generator
-        m = getattr(m, "base", None)
+    try:
+        up = pyramid_of(neck).upsample
+    except ValueError:
+        up = None
+    if isinstance(up, BaseGenerator):
+        return up
     raise ValueError(
         f"{what}: the detector's neck {type(neck).__name__} has no SRF generator; use an SRF neck "
         "(srf_fpn, srf_pafpn, smsl_srf_fpn) with upsample=srf"
@@ -82,9 +81,13 @@ def matched_levels(source_strides: Sequence[int], target_strides: Sequence[int])
     return [int(s) for s in target_strides if int(s) in {int(x) for x in source_strides}]
 
 
-# index of a neck ModuleList entry -> offset to the body level it belongs to (PAFPN's bottom-up
-# convs start at the second level). FPN/PAFPN's per-level lists, as detection/necks.py names them.
-_NECK_LEVEL_LISTS = {"lateral_convs": 0, "output_convs": 0, "downsample_convs": 0, "pafpn_convs": 1}
+def _pyramid_prefix(keys: Sequence[str], what: str) -> str:
+    """Where an FPN's weights sit in a state dict (``neck.base.`` for an SRF-FPN, ``neck.base.base.``
+    with SMSL in between): the prefix of its first lateral conv."""
+    found = sorted({k[: -len("lateral_convs.0.weight")] for k in keys if k.endswith("lateral_convs.0.weight")})
+    if len(found) != 1:
+        raise ValueError(f"{what}: expected one FPN in the neck's weights, found {len(found)} ({found})")
+    return found[0]
 
 
 def transfer_extractor(
@@ -97,28 +100,37 @@ def transfer_extractor(
 ) -> tuple[list[int], list[str]]:
     """``reuse=M``: body + SRF neck (G included) of a stage-2 extractor into ``net`` (Sec. 4.3).
 
-    The detector heads are not reused (the target's head may differ: Table 3). Neck modules that
-    belong to a pyramid level (lateral / output convs, PAFPN's convs) are matched by stride, so an
-    extractor on P2-P5 (Mask R-CNN) initialises a RetinaNet on P3-P5. The body and the generator
-    must load completely. Returns (the matched strides, the ``net.backbone`` keys left at their
-    initialisation, e.g. RetinaNet's P6/P7 convs when the extractor had none).
+    The detector heads are not reused (the target's head may differ: Table 3). The modules of the
+    FPN that belong to one pyramid level (:meth:`detection.necks.FPN.per_level_modules`: lateral /
+    output convs, PAFPN's convs) are matched by stride, so an extractor on P2-P5 (Mask R-CNN)
+    initialises a RetinaNet on P3-P5; the FPN may sit at another depth of the neck (an SRF-FPN
+    extractor into an SMSL-after-SRF-FPN target: SMSL stays at its initialisation). The body and the
+    generator must load completely. Returns (the matched strides, the ``net.backbone`` keys left at
+    their initialisation, e.g. RetinaNet's P6/P7 convs when the extractor had none).
     """
     generator_of(net, what)
     src = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     src_strides = [int(s) for s in source_strides]
     dst_strides = [int(s) for s in net.backbone.body.strides]
     own = net.backbone.state_dict()
-    pattern = re.compile(r"^(neck\..*?)(" + "|".join(_NECK_LEVEL_LISTS) + r")\.(\d+)\.(.*)$")
+    pyramid = pyramid_of(net.backbone.neck)
+    lists = pyramid.per_level_modules()
+    dst_pyr = _pyramid_prefix(list(own), what)
+    src_pyr = _pyramid_prefix(list(src), f"{what}: {source}")
+    pattern = re.compile(r"^(" + "|".join(map(re.escape, lists)) + r")\.(\d+)\.(.*)$")
 
     def source_key(k: str) -> str | None:
-        m = pattern.match(k)
+        if not k.startswith(dst_pyr):
+            return k  # the body (and modules outside the FPN, matched by name)
+        rest = k[len(dst_pyr):]
+        m = pattern.match(rest)
         if not m:
-            return k
-        offset = _NECK_LEVEL_LISTS[m.group(2)]
-        i = int(m.group(3)) + offset
+            return src_pyr + rest  # the generator (upsample.*) and the extra levels
+        offset = lists[m.group(1)]
+        i = int(m.group(2)) + offset
         if i >= len(dst_strides) or dst_strides[i] not in src_strides:
             return None
-        return f"{m.group(1)}{m.group(2)}.{src_strides.index(dst_strides[i]) - offset}.{m.group(4)}"
+        return f"{src_pyr}{m.group(1)}.{src_strides.index(dst_strides[i]) - offset}.{m.group(3)}"
 
     new_state, left = {}, []
     for k, v in own.items():
@@ -129,8 +141,9 @@ def transfer_extractor(
             left.append(k)
     must = [k for k in left if k.startswith("body.") or ".upsample." in k]
     if must:
-        detail = f"{must[0]}" + (f" (checkpoint {tuple(src[must[0]].shape)} vs configured {tuple(own[must[0]].shape)})"
-                                 if must[0] in src else " (absent)")
+        sk = source_key(must[0])
+        detail = f"{must[0]}" + (f" (checkpoint {tuple(src[sk].shape)} vs configured {tuple(own[must[0]].shape)})"
+                                 if sk in src else " (absent)")
         raise ValueError(f"{what}: {source} does not fit the configured body / generator — {detail}, +{len(must) - 1} more")
     net.backbone.load_state_dict(new_state, strict=False)
     return matched_levels(src_strides, dst_strides), left

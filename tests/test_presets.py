@@ -72,7 +72,8 @@ def test_presets_default_to_the_cpu_recipe_and_recipe_paper_restores_the_papers(
 def test_smsl_pyramid_width_is_set_once(tmp_path):
     cfg = compose_cfg("train", ["neck=smsl_pafpn", "neck.out_channels=48", "backbone=resnet18"], tmp_path)
     assert B.build_net(cfg).backbone.out_channels == 48
-    bad = compose_cfg("train", ["neck=smsl_fpn", "neck.base.out_channels=32", "backbone=resnet18"], tmp_path)
+    # the base has no width of its own in the config (one source: neck.out_channels); forcing one is an error
+    bad = compose_cfg("train", ["neck=smsl_fpn", "+neck.base.out_channels=32", "backbone=resnet18"], tmp_path)
     with pytest.raises(Exception, match=r"neck.out_channels=256 but the base neck has out_channels=32"):
         B.build_net(bad)
 

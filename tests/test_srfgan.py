@@ -614,3 +614,38 @@ def test_released_rrdb_generator_is_selectable_and_counts_like_the_release(tmp_p
     cfg = compose_cfg("train", TINY + ["neck=srf_fpn", "neck.out_channels=32", "neck.generator.kind=rrdb",
                                        "neck.generator.num_blocks=1", "neck.generator.mid_channels=8"], tmp_path)
     assert isinstance(generator_of(build_detector_from_config(cfg)), RRDBGenerator)
+
+
+def test_neck_contract_every_neck_and_transfer_between_neck_shapes():
+    """detection.necks.Neck: out_channels / num_levels / num_top_down on every neck; the FPN inside a
+    wrapping neck is found by pyramid_of; an SRF-FPN extractor initialises an SMSL-after-SRF-FPN target."""
+    from detection.necks import Neck, pyramid_of
+    from srfgan import transfer_extractor
+
+    base = functools.partial(FPN, out_channels=8)
+    necks = {
+        "fpn": base(in_channels_list=[4, 8, 16], extra_levels="p6p7_c5"),
+        "smsl": smsl_after([4, 8, 16], base, reduction=2, extra_levels="p6p7_c5"),
+        "srf": srf_neck([4, 8, 16], base, generator={"num_blocks": 1}, extra_levels="p6p7_c5"),
+        "smsl_srf": srf_neck([4, 8, 16], functools.partial(smsl_after, base=base, reduction=2),
+                             generator={"num_blocks": 1}, extra_levels="p6p7_c5"),
+    }
+    for name, neck in necks.items():
+        assert isinstance(neck, Neck), name
+        assert (neck.out_channels, neck.num_levels, neck.num_top_down) == (8, 5, 3), name
+    # G is the FPN's upsampler from construction (passed as upsample=, not swapped in afterwards)
+    assert pyramid_of(necks["smsl_srf"]).upsample is necks["smsl_srf"].generator is not None
+
+    def detector(neck_factory):
+        return build_detector("retinanet", functools.partial(ResNetBody, "resnet18", frozen_stages=0),
+                              neck_factory, num_classes=3, extra_levels="p6p7_c5")
+
+    src = detector(functools.partial(srf_neck, base=functools.partial(FPN, out_channels=32), generator={"num_blocks": 1}))
+    dst = detector(functools.partial(srf_neck, base=functools.partial(smsl_after, base=functools.partial(FPN, out_channels=32),
+                                                                      reduction=2), generator={"num_blocks": 1}))
+    state = {f"net.model.{k}": v for k, v in src.model.state_dict().items()}
+    matched, left = transfer_extractor(dst, state, [8, 16, 32], "src", "srf.ckpt.stage2")
+    assert matched == [8, 16, 32] and left and all(".smsl." in k for k in left)  # SMSL: the target's own
+    own = dst.backbone.state_dict()
+    assert torch.equal(own["neck.base.base.lateral_convs.1.weight"], src.backbone.state_dict()["neck.base.lateral_convs.1.weight"])
+    assert torch.equal(generator_of(dst).head[0].weight, generator_of(src).head[0].weight)

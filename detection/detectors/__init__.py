@@ -25,6 +25,7 @@ from detection.detectors.base import (
     Parts,
     level_strides,
 )
+from detection.necks import pinned
 
 __all__ = [
     "DETECTORS", "DETECTOR_BUILDERS", "BackboneWithNeck", "Detector", "FixedStrideAnchorGenerator",
@@ -71,12 +72,11 @@ def build_detector(
             cascade_rcnn | cascade_mask_rcnn | centermask``).
         backbone: callable ``backbone(return_layers=...) -> body`` (a partial ResNetBody or
             TimmBody); the body exposes ``out_channels_list`` and ``strides``.
-        neck: callable ``neck(in_channels_list=...) -> neck`` (a partial FPN / PAFPN /
-            SMSL-wrapped neck) with ``out_channels``; its levels must be the body's
-            followed by ``extra_levels``.
+        neck: callable ``neck(in_channels_list=..., extra_levels=...) -> neck`` (a partial FPN /
+            PAFPN / SMSL or SRF neck) keeping :class:`detection.necks.Neck`.
         num_classes: object classes K (without background).
         return_layers: body levels fed to the neck (C3–C5 one-stage, C2–C5 R-CNNs).
-        extra_levels: the neck's extra levels; used here to derive strides.
+        extra_levels: the neck's extra levels (passed to it; the strides follow).
         anchor_scale: anchor size = ``anchor_scale × stride`` at each level (MMDetection's
             ``octave_base_scale``: 4 for RetinaNet, 8 for the RPN, 1 for FCOS' centres).
         scales_per_octave: anchor scales per level (3 for RetinaNet, 1 for the RPN).
@@ -99,7 +99,13 @@ def build_detector(
     if unknown:
         raise ValueError(f"detector.{unknown[0]} is not an option of detector {name!r}; its options: {accepted}")
     body = backbone(return_layers=list(return_layers))
-    neck_module = neck(in_channels_list=list(body.out_channels_list))
+    # the detector owns its extra levels (its head needs P6/P7 or the RPN's pool); the neck config
+    # owns the width (detection.necks: the neck contract)
+    own = pinned(neck, "extra_levels")
+    if own is not None and own != extra_levels:
+        raise ValueError(f"the neck pins extra_levels={own!r} but detector.extra_levels={extra_levels!r}: the "
+                         "detector's head decides its levels; leave extra_levels out of the neck")
+    neck_module = neck(in_channels_list=list(body.out_channels_list), extra_levels=extra_levels)
     strides = level_strides(body.strides, extra_levels)
     if getattr(neck_module, "num_levels", len(strides)) != len(strides):
         raise ValueError(
