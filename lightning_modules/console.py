@@ -11,7 +11,7 @@ import warnings
 from typing import Any
 
 # Messages that tell a user nothing about the run (Lightning's tips and adverts).
-NOISE = ("💡 Tip:", "litlogger", "LitLogger")
+NOISE = ("💡 Tip:", "litlogger", "LitLogger", "Trainer already configured with model summary callbacks")
 OWN_MODULES = r"(?!(?:detection|smsl|srfgan|lightning_modules|hydra_plugins|tests)(?:\.|$))"
 
 

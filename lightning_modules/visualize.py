@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichModelSummary
 from torch import Tensor
 
 log = logging.getLogger("pyramidlab")
@@ -211,3 +212,43 @@ class ValidationImages(L.Callback):
                     boxes=[{"ground_truth": _wandb_boxes(gt, names, False), "predictions": _wandb_boxes(p, names, True)}
                            for _, gt, p in logged],
                 )
+
+
+class ModelSummary(RichModelSummary):
+    """Lightning's rich model summary without FLOPs when none were counted (no ``example_input_array``:
+    a column of zeros and "Total FLOPs: 0"). ``enabled`` follows ``trainer.enable_model_summary``."""
+
+    def __init__(self, enabled: bool = True, max_depth: int = 1, **summarize_kwargs: Any) -> None:
+        super().__init__(max_depth=max_depth if enabled else 0, **summarize_kwargs)
+
+    @staticmethod
+    def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                  total_flops, **summarize_kwargs) -> None:
+        if total_flops:
+            RichModelSummary.summarize(summary_data, total_parameters, trainable_parameters, model_size,
+                                       total_training_modes, total_flops, **summarize_kwargs)
+            return
+        # Lightning's layout with the FLOPs column and line left out (its table hard-codes the column)
+        from lightning.pytorch.utilities.model_summary.model_summary import (
+            get_formatted_model_size,
+            get_human_readable_count,
+        )
+        from rich import get_console
+        from rich.table import Table
+
+        data = [col for col in summary_data if col[0] != "FLOPs"]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name, _ in data:
+            table.add_column(name, justify="right" if name in ("Params", "Params per Device") else "left",
+                             style="dim" if name == " " else None)
+        for row in zip(*(values for _, values in data)):
+            table.add_row(*row)
+        console = get_console()
+        console.print(table)
+        trainable = get_human_readable_count(int(trainable_parameters))
+        frozen = get_human_readable_count(int(total_parameters - trainable_parameters))
+        console.print(f"[bold]Trainable params[/]: {trainable}   [bold]Non-trainable params[/]: {frozen}   "
+                      f"[bold]Total params[/]: {get_human_readable_count(int(total_parameters))}   "
+                      f"[bold]Size (MB)[/]: {get_formatted_model_size(model_size)}   "
+                      f"[bold]Modules in train / eval mode[/]: {total_training_modes['train']} / "
+                      f"{total_training_modes['eval']}")

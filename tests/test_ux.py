@@ -414,3 +414,16 @@ def test_validation_images_reach_wandb_with_box_layers(tmp_path, shapes_root, mo
     assert media["_type"] == "images/separated" and media["count"] == 2
     # one box layer of ground truth and one of predictions per image
     assert set(media["all_boxes"][0]) == {"ground_truth", "predictions"}
+
+
+def test_model_summary_has_no_zero_flops(capsys):
+    from lightning_modules.visualize import ModelSummary
+
+    data = [(" ", ["0"]), ("Name", ["net"]), ("Type", ["Detector"]), ("Params", ["11.3 M"]), ("Mode", ["train"]),
+            ("FLOPs", ["0"])]
+    ModelSummary.summarize(data, 11_300_000, 11_200_000, 45.2, {"train": 118, "eval": 0}, 0)
+    out = capsys.readouterr().out
+    assert "Detector" in out and "Total params" in out and "FLOPs" not in out and "11.3 M" in out
+    ModelSummary.summarize(data, 11_300_000, 11_200_000, 45.2, {"train": 118, "eval": 0}, 5_000_000)
+    assert "FLOPs" in capsys.readouterr().out  # counted FLOPs stay
+    assert ModelSummary(enabled=False)._max_depth == 0  # trainer.enable_model_summary=false turns it off
