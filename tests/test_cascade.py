@@ -15,6 +15,10 @@ from lightning_modules.summary import summarize
 from lightning_modules.train import train
 from tests.conftest import TINY, compose_cfg, small_neck
 
+# fast_dev_run of the detector path only: the checkpoint and curve callbacks are tested elsewhere
+# and the curves plot alone costs seconds per run
+FDR = ["debug=fdr", "callbacks=none"]
+
 
 def tiny_cascade(name: str = "cascade_rcnn", num_classes: int = 2, **kw):
     return build_detector(
@@ -134,7 +138,7 @@ def test_paper_parameter_counts(tmp_path, neck, expected):
                       ("cascade_mask_rcnn", "fpn")],
 )
 def test_fast_dev_run(tmp_path, shapes_root, detector, neck):
-    over = TINY + [f"detector={detector}"] + small_neck(neck) + ["debug=fdr"]
+    over = TINY + [f"detector={detector}"] + small_neck(neck) + FDR
     if detector == "cascade_mask_rcnn":
         over.append("detector.mask_head_channels=16")
     if neck == "srf_fpn":
@@ -144,3 +148,30 @@ def test_fast_dev_run(tmp_path, shapes_root, detector, neck):
     assert ("segm/AP" in metrics) == (detector == "cascade_mask_rcnn")
     if detector == "cascade_mask_rcnn":
         assert (tmp_path / "out" / "detections_segm.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "detector,neck", [("cascade_mask_rcnn", "pafpn"), ("centermask", "smsl_pafpn"), ("cascade_mask_rcnn", "srf_pafpn"),
+                      ("centermask", "srf_fpn_light"), ("centermask", "smsl_srf_fpn")],
+)
+def test_every_neck_trains_one_step_and_predicts(tmp_path, detector, neck):
+    """The necks the fdr runs do not cover (each once, detectors alternating to keep the suite fast):
+    one loss + backward, then one prediction (no data needed)."""
+    from lightning_modules import builders as B
+
+    over = TINY + [f"detector={detector}", "detector.mask_head_channels=8"] + small_neck(neck)
+    if "srf" in neck:
+        over += ["neck.generator.num_blocks=1", "neck.generator.mid_channels=8"]
+    net = B.build_net(compose_cfg("train", over, tmp_path))
+    img = torch.rand(3, 160, 160)  # P7 2x2 for centermask's GroupNorm(32) head
+    tgt = {"boxes": torch.tensor([[10.0, 20.0, 90.0, 120.0]]), "labels": torch.tensor([1]),
+           "masks": torch.zeros(1, 160, 160, dtype=torch.uint8)}
+    tgt["masks"][0, 20:120, 10:90] = 1
+    net.train()
+    losses = net([img], [tgt])
+    sum(losses.values()).backward()
+    assert "loss_mask" in losses and all(torch.isfinite(v) for v in losses.values())
+    net.eval()
+    with torch.inference_mode():
+        out = net([img])[0]
+    assert out["masks"].shape[1:] == (1, 160, 160) and len(out["masks"]) == len(out["boxes"])

@@ -16,6 +16,7 @@ from detection.detectors.centermask import LevelRoIAlign, SpatialAttention, cent
 from detection.necks import FPN
 from lightning_modules.train import train
 from tests.conftest import TINY, compose_cfg, small_neck
+from tests.test_cascade import FDR
 
 
 def tiny_centermask(num_classes: int = 2, **kw):
@@ -120,7 +121,7 @@ def test_bad_option_value_names_its_key():
 
 @pytest.mark.parametrize("neck", ["fpn", "smsl_fpn", "srf_fpn"])
 def test_fast_dev_run(tmp_path, shapes_root, neck):
-    over = TINY + ["detector=centermask", "detector.mask_head_channels=16"] + small_neck(neck) + ["debug=fdr"]
+    over = TINY + ["detector=centermask", "detector.mask_head_channels=16"] + small_neck(neck) + FDR
     if neck == "srf_fpn":
         over += ["neck.generator.num_blocks=1", "neck.generator.mid_channels=16"]
     metrics = train(compose_cfg("train", over, tmp_path, shapes_root))

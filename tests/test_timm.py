@@ -10,6 +10,7 @@ from torch import nn
 from detection.backbones import TimmBody
 from lightning_modules.train import train
 from tests.conftest import TINY, compose_cfg, small_neck
+from tests.test_cascade import FDR
 
 # two small timm families: a ResNet (top-level layer1..4) and a VoVNetV2 (nested stages.0..3)
 MODELS = {"resnet10t": [64, 128, 256, 512], "ese_vovnet19b_slim_dw": [112, 256, 384, 512]}
@@ -79,6 +80,6 @@ def test_presets_name_the_papers_backbones(tmp_path):
 
 def test_fast_dev_run_with_a_timm_body(tmp_path, shapes_root):
     over = TINY + ["backbone=timm", "backbone.model_name=resnet10t", "backbone.frozen_stages=0",
-                   "detector=centermask", "detector.mask_head_channels=16"] + small_neck("fpn") + ["debug=fdr"]
+                   "detector=centermask", "detector.mask_head_channels=16"] + small_neck("fpn") + FDR
     metrics = train(compose_cfg("train", over, tmp_path, shapes_root))
     assert 0.0 <= metrics["segm/AP"] <= 1.0
