@@ -123,6 +123,20 @@ class AdversarialSteps:
             )
         super().setup(stage)
 
+    def srfgan_meta(self, stage: int, strides: Sequence[int], **extra: Any) -> dict[str, Any]:
+        """What a later stage checks before reusing this stage's G / D / M (the ``srfgan`` checkpoint entry)."""
+        g = self.generator
+        return {
+            "stage": stage,
+            "channels": self.target.out_channels,
+            "strides": list(strides),
+            **extra,
+            "generator": {"kind": g.kind, "channels": g.channels, "mid_channels": g.mid_channels,
+                          "num_blocks": g.num_blocks},
+            "discriminator": {"in_channels": self.discriminator.in_channels, "channels": list(self.discriminator.channels)},
+            "target_source": str(self.source),
+        }
+
     def _where(self) -> str:
         """The step a divergence is reported at: the iteration, the epoch and Lightning's optimizer step."""
         return (f"step {self.global_step // STEPS_PER_ITERATION} (epoch {self.current_epoch}, "
@@ -309,19 +323,7 @@ class SRFGANModule(AdversarialSteps, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint["pyramidlab_config"] = self.run_config
-        checkpoint["srfgan"] = {
-            "stage": 1,
-            "channels": self.target.out_channels,
-            "strides": list(self.target.strides),
-            "generator": {
-                "kind": self.generator.kind,
-                "channels": self.generator.channels,
-                "mid_channels": self.generator.mid_channels,
-                "num_blocks": self.generator.num_blocks,
-            },
-            "discriminator": {"in_channels": self.discriminator.in_channels, "channels": list(self.discriminator.channels)},
-            "target_source": str(self.source),
-        }
+        checkpoint["srfgan"] = self.srfgan_meta(1, self.target.strides)
 
 
 # --------------------------------------------------------------------------------------- stage 2
@@ -482,21 +484,8 @@ class SRFExtractorModule(AdversarialSteps, DetectionModule):
         return [opt_d, opt_m], schedulers
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["srfgan"] = {
-            "stage": 2,
-            "channels": self.target.out_channels,
-            "strides": list(self.strides),
-            "level_matching": self.level_matching,
-            "pairs": [list(p) for p in self.pairs],
-            "generator": {
-                "kind": self.generator.kind,
-                "channels": self.generator.channels,
-                "mid_channels": self.generator.mid_channels,
-                "num_blocks": self.generator.num_blocks,
-            },
-            "discriminator": {"in_channels": self.discriminator.in_channels, "channels": list(self.discriminator.channels)},
-            "target_source": str(self.source),
-        }
+        super().on_save_checkpoint(checkpoint)  # the run config and category ids, as every detector's
+        checkpoint["srfgan"] = self.srfgan_meta(
+            2, self.strides, level_matching=self.level_matching, pairs=[list(p) for p in self.pairs])
 
 
