@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 log = logging.getLogger("pyramidlab")
@@ -106,11 +107,143 @@ class RestoreTrainLoaderState(L.Callback):
     first batch. At ``on_train_start`` the loops are restored; when the run restarts in the
     middle of an epoch, the pending state is loaded and the loader iterator, made before it
     arrived, is made again. ``build_trainer`` adds this callback to every trainer.
+
+    The other resume duties of every trainer live here too:
+
+    - the history of a resumed run: the rows ``csv/metrics.csv`` held at each checkpoint are
+      saved in it (this callback's state); the resumed run cuts the file back to them and
+      appends (a run that does not resume starts a fresh file). TensorBoard's writer is
+      reopened with ``purge_step`` = the resumed step, so the steps the interrupted run logged
+      after its checkpoint are hidden, not drawn twice.
     """
+
+    def __init__(self) -> None:
+        self._csv_rows: dict[str, int] | None = None  # from the checkpoint resumed from
+        self._csv_step = 0
+        self._trainer: L.Trainer | None = None
+        self._in_batch = False  # a checkpoint saved now is followed by its batch's log row
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._in_batch = True
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._in_batch = False
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._in_batch = False
+
+    def state_dict(self) -> dict:
+        trainer = self._trainer
+        rows = {lg.log_dir: lg.experiment.rows() for lg in self._csv_loggers(trainer)}
+        # the logged step of the first batch the resumed run will train: Lightning writes a batch's row
+        # after the checkpoint callbacks of that batch ran
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped + int(self._in_batch) if trainer else 0
+        return {"csv_rows": rows, "csv_step": step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._csv_rows = dict(state_dict.get("csv_rows") or {})
+        self._csv_step = int(state_dict.get("csv_step", 0))
+
+    @staticmethod
+    def _csv_loggers(trainer: L.Trainer | None) -> list:
+        from lightning_modules.loggers import ResumableCSVLogger
+
+        if trainer is None or not trainer.is_global_zero:
+            return []
+        return [lg for lg in trainer.loggers if isinstance(lg, ResumableCSVLogger)]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         fit_loop = trainer.fit_loop
         pending = fit_loop._combined_loader_states_to_load
+        loaders = getattr(fit_loop._combined_loader, "flattened", None) or []
+        for dl in loaders:
+            # an epoch cut short by limit_train_batches ends before the loader does: a checkpoint at its
+            # last batch is an epoch end, not a resume point inside it
+            dl._epoch_batches = trainer.num_training_batches
         if fit_loop.restarted_mid_epoch and pending and fit_loop._data_fetcher is not None:
             fit_loop._load_combined_loader_states()
             iter(fit_loop._data_fetcher)
+        resuming, rows = bool(trainer.ckpt_path), self._csv_rows or {}
+        for lg in self._csv_loggers(trainer):
+            if not resuming:
+                lg.experiment.truncate(0, 0)
+            elif lg.log_dir in rows:  # a checkpoint without the count: keep everything
+                lg.experiment.truncate(rows[lg.log_dir], self._csv_step)
+        if resuming and trainer.is_global_zero:
+            for lg in trainer.loggers:
+                if isinstance(lg, TensorBoardLogger) and lg._experiment is not None:
+                    lg._experiment.close()
+                    lg._experiment = None
+                    lg._kwargs["purge_step"] = trainer.global_step
+        self._csv_rows = None
+
+
+def check_resume(module: L.LightningModule, path: str) -> None:
+    """Before resuming from ``path``: load it weights-only and strictly into ``module``.
+
+    A truncated file, one that would run pickled code, or another architecture's checkpoint is
+    one line naming the file (and the missing / unexpected / wrong-shape parts); Lightning's own
+    "Error(s) in loading state_dict" names neither. Lightning loads the same weights again next.
+    """
+    from detection.state import load_prefixed_state
+    from lightning_modules.checkpoints import load_checkpoint
+
+    ckpt = load_checkpoint(path, "ckpt_path")
+    load_prefixed_state(module, ckpt["state_dict"], "", str(path), "ckpt_path")
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that writes at the end of training and names the path when a write fails.
+
+    Args:
+        save_on_train_end: also save when training ends, if the last save was at an earlier
+            step (``every_n_train_steps=5`` with 24 steps: Lightning's last save is step 20).
+        Everything else: as ``ModelCheckpoint``.
+
+    Lightning writes each file through an fsspec transaction (a temporary file moved into
+    place), so a failed write leaves the previous checkpoint of that name as it was.
+    """
+
+    def __init__(self, *args, save_on_train_end: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.save_on_train_end = save_on_train_end
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # A step-interval save that lands on an epoch's last batch is made at the epoch's end instead:
+        # Lightning resumes cleanly from an epoch end, but a run resumed from a save inside the last
+        # batch and saved again later continued with a whole extra epoch (seen with kill -9 tests).
+        last = batch_idx + 1 >= trainer.num_training_batches
+        n = self._every_n_train_steps
+        self._deferred = bool(last and n and (trainer.global_step % n == 0))
+        if not self._deferred:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if getattr(self, "_deferred", False) and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            if self.monitor is None:
+                self._save_none_monitor_checkpoint(trainer, candidates)
+            else:
+                self._save_topk_checkpoint(trainer, candidates)
+        self._deferred = False
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.save_on_train_end and not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
+            candidates = self._monitor_candidates(trainer)
+            if self.monitor is None:
+                self._save_none_monitor_checkpoint(trainer, candidates)
+            else:
+                self._save_topk_checkpoint(trainer, candidates)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except OSError as e:
+            reason = e.strerror or str(e).splitlines()[0]
+            raise OSError(e.errno, f"cannot write checkpoint {filepath}: {reason}; the previous file there, if "
+                                   "any, is unchanged") from e

@@ -222,9 +222,11 @@ class ResumableDataLoader(DataLoader):
             "rng": _rng_states(),
         }
 
+    _epoch_batches: int | float = float("inf")  # batches Lightning takes per epoch (limit_train_batches)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         epoch, batches = state.get("epoch"), int(state.get("batches", 0))
-        if batches >= len(self):
+        if batches >= min(len(self), self._epoch_batches):
             # the saved epoch was complete: the next one starts from its first batch
             batches = 0
             epoch = None if epoch is None else epoch + 1
@@ -234,6 +236,11 @@ class ResumableDataLoader(DataLoader):
             sampler.set_epoch(epoch)
         self._skip = batches
         self._rng = state.get("rng")
+        if batches == 0 and self._rng is not None:
+            # an epoch end: the next epoch's iter() draws the workers' base seed from the RNG, as it
+            # did in the run that never stopped, so the states go back before it, not at its first batch
+            _set_rng_states(self._rng)
+            self._rng = None
 
 
 class DetectionDataModule(L.LightningDataModule):

@@ -59,9 +59,24 @@ def job_dirname(num: int | str, override_dirname: str) -> str:
     return f"{num}_{name}" if name else str(num)
 
 
+def previous_wandb_id(output_dir: str) -> str | None:
+    """The id of the W&B run logged from this run folder before (the newest), or None.
+
+    ``conf/logger/wandb.yaml`` passes it as ``id`` with ``resume: allow``: a run resumed in its
+    folder (``ckpt_path=last``, a sweep rerun) continues the same W&B run instead of starting a new one.
+    W&B names its folders ``[offline-]run-<date>_<time>-<id>``.
+    """
+    runs = [p for p in Path(str(output_dir), "wandb").glob("*run-*-*") if p.is_dir() and not p.is_symlink()]
+    if not runs:
+        return None
+    return max(runs, key=lambda p: p.name.removeprefix("offline-")).name.rsplit("-", 1)[1]
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver(JOB_DIRNAME_RESOLVER):
         OmegaConf.register_new_resolver(JOB_DIRNAME_RESOLVER, job_dirname)
+    if not OmegaConf.has_resolver("pyramidlab.wandb_id"):
+        OmegaConf.register_new_resolver("pyramidlab.wandb_id", previous_wandb_id)
 
 
 register_resolvers()

@@ -151,7 +151,7 @@ from lightning_modules import train as T  # noqa: E402
 from tests.test_sweeps import SMALL, restore_logging, run_main  # noqa: E402,F401
 
 
-def test_config_types_are_checked_at_composition_naming_key_and_type(tmp_path, monkeypatch, restore_logging, capsys):
+def test_config_types_are_checked_at_composition_naming_key_and_type(tmp_path, monkeypatch, restore_logging, capsys):  # noqa: F811
     """Case 9 and 13: one line naming the key and the expected type; the traceback only in train.log."""
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     for bad, expected, extra in (
@@ -168,7 +168,7 @@ def test_config_types_are_checked_at_composition_naming_key_and_type(tmp_path, m
         assert json.loads((run_dir / "metrics.json").read_text())["error"].startswith(f"TypeError: {expected}")
 
 
-def test_hints_only_for_keys_that_do_not_exist(tmp_path, monkeypatch, restore_logging, capsys):
+def test_hints_only_for_keys_that_do_not_exist(tmp_path, monkeypatch, restore_logging, capsys):  # noqa: F811
     """Case 11: a required ``???`` value is no unknown key, and Hydra's "+key" advice is not printed."""
     common = ["debug=fdr", f"paths.log_dir={tmp_path}"]
     assert run_main(monkeypatch, T.main, [*common, "data=coco", "logger=csv"]) == 1
@@ -198,3 +198,225 @@ def test_paths_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
         cfg = compose("train", ["data=coco", "data.root=rel/coco"])
     prepare_config(cfg)
     assert cfg.data.root == str(tmp_path / "rel" / "coco")
+
+
+# ------------------------------------------------------------------ interrupted runs
+RUN = SMALL + [
+    # one epoch of 8 batches (16 images, 2 per batch): every kill lands inside it
+    "neck.out_channels=16", "seed=0", "trainer.deterministic=true", "trainer.max_epochs=1",
+    "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "test=false",
+    "optim=adamw", "callbacks.last_checkpoint.every_n_epochs=null", "callbacks.last_checkpoint.every_n_train_steps=1",
+    "~callbacks.model_checkpoint", "~callbacks.rich_progress_bar", "~callbacks.plot_curves",
+]
+
+
+def _losses(run_dir: Path) -> dict[int, str]:
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    steps = [int(r["step"]) for r in rows]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
+    return {int(r["step"]): r["train/loss"] for r in rows}
+
+
+@pytest.fixture
+def deterministic():
+    yield
+    torch.use_deterministic_algorithms(False)  # trainer.deterministic=true sets it for the process
+
+
+def test_kill_9_three_times_then_resume_same_weights_and_full_history(tmp_path, shapes_root, deterministic):
+    """kill -9 at a random moment three times, then ckpt_path=last: the final weights of a run that never
+    stopped, every step's loss once in csv/metrics.csv, one TensorBoard folder, last.ckpt at the last step."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lightning_modules.checkpoints import load_checkpoint
+    from tests.conftest import compose_cfg
+
+    T.train(compose_cfg("train", RUN, tmp_path / "straight", shapes_root))
+    straight = load_checkpoint(tmp_path / "straight" / "out" / "checkpoints" / "last.ckpt")
+    assert straight["global_step"] == 8  # case 4: the end of training is saved
+
+    run_dir = tmp_path / "killed"
+    exe = str(Path(sys.executable).parent / "pyramidlab-train")
+    args = [exe, *RUN, f"data.root={shapes_root}", f"hydra.run.dir={run_dir}", "logger=[csv,tensorboard]"]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    rng = random.Random(0)
+    for kill, after_step in enumerate((1, 3, 5)):
+        proc = subprocess.Popen(args + (["ckpt_path=last"] if kill else []), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if max(_losses(run_dir), default=-1) >= after_step:
+                    break
+            except (FileNotFoundError, KeyError, ValueError):
+                pass
+            time.sleep(0.2)
+        time.sleep(rng.uniform(0, 0.5))  # anywhere in the next step, a checkpoint write included
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = subprocess.run(args + ["ckpt_path=last"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    resumed = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == 8
+    for k, v in straight["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
+    assert _losses(run_dir) == _losses(tmp_path / "straight" / "out")  # every step once, the same values
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))  # one folder, appended to
+    assert not [p for p in (run_dir / "tensorboard").iterdir() if p.is_dir()]
+    metrics = json.loads((run_dir / "metrics.json").read_text())  # counted skips, per split
+    assert metrics["data/skipped_images"] == {"train": 0, "val": 0} and "train" in metrics["data/dropped_boxes"]
+
+
+# ------------------------------------------------------------- 12. GroupNorm at a 1x1 level
+@pytest.mark.parametrize("detector", ["retinanet", "fcos"])
+def test_group_norm_heads_train_on_one_image_with_a_1x1_level(tmp_path, detector):
+    """A 32-wide GN head, one 128-px image (P7 is 1x1): GroupNorm keeps 2 channels per group."""
+    from lightning_modules.checkpoints import build_net
+    from tests.conftest import compose_cfg
+
+    over = ["backbone=resnet18", "backbone.frozen_stages=0", f"detector={detector}", "neck.out_channels=32",
+            "data.num_classes=3"] + (["detector.head_norm=gn"] if detector == "retinanet" else [])
+    net = build_net(compose_cfg("train", over, tmp_path)).train()
+    gns = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert gns and all(m.num_channels // m.num_groups >= 2 for m in gns)
+    img = torch.rand(3, 128, 128)
+    target = {"boxes": torch.tensor([[10.0, 20.0, 90.0, 100.0]]), "labels": torch.tensor([1])}
+    losses = net([img], [target])
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+# -------------------------------------------------- checkpoints: refused, or not written
+def test_resume_from_a_truncated_foreign_or_code_running_checkpoint_is_refused(tmp_path, shapes_root):
+    """Case 10 and the checkpoint faults: one line naming the file (and the mismatching parts); the
+    pickled code never runs."""
+    from lightning_modules.checkpoints import build_net
+    from tests.conftest import compose_cfg
+
+    over = SMALL + ["neck.out_channels=16", "trainer.max_epochs=1", "test=false"]
+    other = build_net(compose_cfg("train", SMALL + ["neck.out_channels=32"], tmp_path / "o", shapes_root))
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in other.state_dict().items()}, "epoch": 0,
+                "global_step": 1}, foreign)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(foreign.read_bytes()[:4096])
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _RunsCode(str(marker))}, evil)
+
+    for path, expected in (
+        (foreign, rf"ckpt_path: {foreign} does not match the configured architecture — wrong shape: "),
+        (truncated, rf"ckpt_path: cannot load {truncated} as a weights-only checkpoint"),
+        (evil, rf"ckpt_path: cannot load {evil} as a weights-only checkpoint"),
+    ):
+        with pytest.raises(ValueError, match=expected) as e:
+            T.train(compose_cfg("train", over + [f"ckpt_path={path}"], tmp_path / path.stem, shapes_root))
+        assert "\n" not in str(e.value)
+    assert not marker.exists()
+
+
+class _RunsCode:
+    """Unpickling this calls ``open(path, "w")``: a checkpoint that would run code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_failed_checkpoint_write_names_the_path_and_keeps_the_previous_one(tmp_path, shapes_root, monkeypatch):
+    """A full disk while last.ckpt is written: the error names the file, the previous last.ckpt still loads.
+    (An unwritable folder cannot be made for root, which runs these tests: the full disk is simulated.)"""
+    import errno
+
+    from fsspec.implementations.local import LocalFileOpener
+
+    from lightning_modules import builders as B
+    from lightning_modules.checkpoints import load_checkpoint
+    from tests.conftest import compose_cfg
+
+    class FullDiskAfterFirstSave(B.L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 1:  # last.ckpt of step 1 is on disk: now the disk is full
+                def write(self, data):
+                    if not str(self.path).endswith(".ckpt"):  # the loggers' files still fit
+                        return LocalFileOpener_write(self, data)
+                    LocalFileOpener_write(self, data[: len(data) // 2])
+                    raise OSError(errno.ENOSPC, "No space left on device")
+
+                monkeypatch.setattr(LocalFileOpener, "write", write)
+
+    LocalFileOpener_write = LocalFileOpener.write
+    real = B.build_callbacks
+    monkeypatch.setattr(B, "build_callbacks", lambda c: real(c) + [FullDiskAfterFirstSave()])
+    over = RUN[:]  # every_n_train_steps=1
+    last = tmp_path / "out" / "checkpoints" / "last.ckpt"
+    with pytest.raises(OSError, match=rf"cannot write checkpoint {last}: No space left on device; the previous"):
+        T.train(compose_cfg("train", over, tmp_path, shapes_root))
+    monkeypatch.setattr(LocalFileOpener, "write", LocalFileOpener_write)
+    assert load_checkpoint(last)["global_step"] == 1
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]  # no partial file left behind
+
+
+# --------------------------------------------------------- 3. W&B resumes the same run
+def test_wandb_resumes_the_run_found_in_the_run_folder(tmp_path):
+    from lightning_modules.hydra_callbacks import previous_wandb_id
+    from tests.conftest import compose_cfg
+
+    assert previous_wandb_id(str(tmp_path)) is None
+    (tmp_path / "wandb" / "offline-run-20261130_050000-abc123").mkdir(parents=True)
+    (tmp_path / "wandb" / "run-20261130_060000-def456").mkdir()
+    (tmp_path / "wandb" / "latest-run").symlink_to(tmp_path / "wandb" / "run-20261130_060000-def456")
+    assert previous_wandb_id(str(tmp_path)) == "def456"  # the newest
+    cfg = compose_cfg("train", ["logger=wandb", f"paths.output_dir={tmp_path}"], tmp_path / "c")
+    assert cfg.logger.wandb.id == "def456" and cfg.logger.wandb.resume == "allow"
+
+
+# ------------------------------------------------------------ counted, visible skips
+def test_skipped_images_are_counted_per_split_and_named_once(tmp_path, caplog):
+    """Unreadable images with skip_bad_images: counted once per image across epochs and DataLoader
+    worker processes (shared memory), named once in the log; dropped boxes counted per split."""
+    root = _coco(tmp_path)
+    (root / "s" / "gray.png").write_bytes(b"not a png")
+    dm = _dm(root, skip_bad_images=True, aspect_ratio_grouping=False)
+    dm.setup("fit")
+    with caplog.at_level("WARNING"):
+        for _ in range(2):  # two epochs in this process
+            for _ in dm.train_dataloader():
+                pass
+    assert sum("gray.png" in r.getMessage() for r in caplog.records) == 1
+    counts = dm.data_counts()
+    assert counts["data/skipped_images"] == {"train": 1, "val": 0}
+    assert counts["data/dropped_boxes"] == {"train": 1, "val": 1}  # the zero-width box of image 12
+    workers = _dm(root, skip_bad_images=True, num_workers=1, persistent_workers=False)
+    workers.setup("validate")
+    for _ in workers.val_dataloader():
+        pass
+    assert workers.data_counts()["data/skipped_images"] == {"val": 1}  # seen from the worker process
+
+
+def test_a_killed_sweep_job_is_marked_in_the_report(tmp_path):
+    """A job killed before writing metrics.json (kill -9, a scheduler's time limit) is a failed row."""
+    from lightning_modules.report import write_sweep_report
+
+    for num, seed, metrics in ((0, 1, {"status": "completed", "bbox/AP": 0.25}), (1, 2, None)):
+        job = tmp_path / f"{num}_seed={seed}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- seed={seed}\n")
+        (job / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {num}\n")
+        if metrics is not None:
+            (job / "metrics.json").write_text(json.dumps(metrics))
+    result = write_sweep_report(tmp_path, wandb=False)
+    assert result.jobs == 2 and len(result.failed) == 1
+    report = (tmp_path / "report.md").read_text()
+    assert "failed" in report and "no metrics.json: the job did not finish (killed, timed out or running)" in report

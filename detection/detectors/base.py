@@ -177,3 +177,22 @@ class Parts:
     def transform(self) -> PadNormalizeTransform:
         # sizes unused: resizing happens in the data pipeline
         return PadNormalizeTransform(800, 1333, self.image_mean, self.image_std, size_divisible=32)
+
+
+def group_norm_groups(channels: int, max_groups: int = 32) -> int:
+    """GroupNorm groups for a width: the most groups up to ``max_groups`` that divide ``channels`` and
+    hold at least 2 channels each (32 at 64 channels, 16 at 32). With 1 channel per group a 1x1 level
+    of a one-image batch has a single value per group and GroupNorm fails ("Expected more than 1
+    value per channel"); a batch that ``skip_bad_images`` left with one image reaches that."""
+    fits = [g for g in range(1, max_groups + 1) if channels % g == 0 and channels // g >= 2]
+    return max(fits) if fits else 1
+
+
+def widen_group_norm_groups(module: nn.Module) -> nn.Module:
+    """Give every GroupNorm in ``module`` at least 2 channels per group (:func:`group_norm_groups`), in
+    place: for heads that build GroupNorm(32, C) themselves (torchvision's FCOS head). Its affine
+    parameters are per channel, so only the grouping changes."""
+    for m in module.modules():
+        if isinstance(m, nn.GroupNorm) and m.num_channels // m.num_groups < 2:
+            m.num_groups = group_norm_groups(m.num_channels, m.num_groups)
+    return module

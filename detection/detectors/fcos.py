@@ -5,7 +5,7 @@ from __future__ import annotations
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.fcos import FCOSHead
 
-from detection.detectors.base import Detector, FixedStrideAnchorGenerator, Parts
+from detection.detectors.base import Detector, FixedStrideAnchorGenerator, Parts, widen_group_norm_groups
 
 
 def fcos_anchors(parts: Parts) -> FixedStrideAnchorGenerator:
@@ -25,7 +25,7 @@ def fcos_kwargs(parts: Parts) -> dict:
 
 
 def build(parts: Parts) -> Detector:
-    head = FCOSHead(parts.channels, 1, parts.num_classes, num_convs=4)
+    head = widen_group_norm_groups(FCOSHead(parts.channels, 1, parts.num_classes, num_convs=4))
     model = FCOS(parts.backbone, parts.num_classes, anchor_generator=fcos_anchors(parts), head=head,
                  **fcos_kwargs(parts))
     return Detector(model, parts.name, parts.num_classes, label_offset=0)
