@@ -418,6 +418,11 @@ def write_sweep_report(sweep_dir: str | Path, wandb: bool = True, title: str | N
     notes = [f"Sweep: `{sweep_dir}`"]
     if common:
         notes.append("Common overrides: `" + " ".join(f"{k}={v}" for k, v in common.items()) + "`")
+    # which weights and which images the numbers come from (metrics.json's eval_checkpoint / eval_split)
+    origins = sorted({(str(j.metrics.get("eval_checkpoint")), str(j.metrics.get("eval_split")))
+                      for j in jobs if j.metrics.get("eval_split") is not None})
+    if origins:
+        notes.append("Numbers from: " + "; ".join(f"the {c} checkpoint on split `{s}`" for c, s in origins))
     optuna = sweep_dir / "optimization_results.yaml"
     if optuna.is_file():
         best = OmegaConf.load(optuna)

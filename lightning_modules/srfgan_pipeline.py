@@ -476,6 +476,7 @@ def report_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             row["params_trainable"] = entry.get("params_trainable")
             row["time_ms"] = entry.get("time_ms")
             row["fit_seconds"] = entry.get("fit_seconds")
+            row["eval_checkpoint"], row["eval_split"] = entry.get("eval_checkpoint"), entry.get("eval_split")
         rows.append(row)
     return rows
 
@@ -500,7 +501,12 @@ def srfgan(cfg: DictConfig) -> dict[str, Any]:
     if not H.is_rank_zero():  # a DDP child re-runs this function: one report
         return {r["variant"]: r.get("bbox/AP") for r in rows}
     run_dir = Path(cfg.paths.output_dir)
-    notes = [f"{v}: stages {list(r['needs'])}, folder `{r['folder']}`" for v, r in results.items()]
+    def origin(entry: dict[str, Any] | None) -> str:
+        if not entry or entry.get("eval_split") is None:
+            return ""
+        return f", the {entry.get('eval_checkpoint')} checkpoint on split `{entry['eval_split']}`"
+
+    notes = [f"{v}: stages {list(r['needs'])}, folder `{r['folder']}`{origin(r['entry'])}" for v, r in results.items()]
     files = write_report(rows, run_dir, title=str(cfg.get("report_title") or "SRF-GAN"),
                          columns=["variant", "description"], notes=notes)
     write_json_atomic(run_dir / "metrics.json", headline_metrics(cfg, rows))

@@ -66,6 +66,8 @@ def test_single_detector_tables(tmp_path, shapes_root, name, rows_expected, shar
     assert all(r["status"] == "ok" for r in rows), rows
     key = {"table5": "variant", "table6": "srf.degradation", "table7": "srf.level_matching"}[name]
     assert [r[key] for r in rows] == rows_expected
+    # the report says which weights and images its numbers come from (the embedded data: best by val, on test)
+    assert "checkpoint on split `test`" in (out / "report.md").read_text()
     if shared:
         assert sorted(p.name for p in (out / "shared").iterdir()) == shared
         assert trained(out / "shared") == len(shared)
