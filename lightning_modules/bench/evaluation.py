@@ -28,6 +28,8 @@ from omegaconf import DictConfig
 from pycocotools.coco import COCO
 
 from detection.evaluation import BACKENDS, CocoEvaluator, coco_results
+from lightning_modules import builders as B
+from lightning_modules.bench.common import _progress
 
 # Synthetic predictions: the share of GT objects detected, how often a detection of a GT object gets
 # another class, and the score ranges that make true positives outrank most false positives, so AP lands
@@ -307,48 +309,12 @@ def run_coco_sized(
     return out
 
 
-NAMES = {"pycocotools": "pycocotools", "faster_coco_eval": "faster-coco-eval", "hotcoco": "hotcoco"}
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-
-
-def _profile_cells(p: dict[str, float]) -> list[str]:
-    return [f"{p.get(k, 0.0):.3f}" for k in ("update_s", "gather_s", "datasets_s", "cocoeval_s")]
-
-
-def render(e: dict[str, Any]) -> list[str]:
-    """bench.md lines of the eval section."""
-    backends = [k for k in NAMES if f"{k}_s" in e]
-    out = ["", f"## COCO evaluation: {e['images']} images, {e['detections']} synthetic detections "
-           f"({e['split']} split ground truth), CocoEvaluator update + compute", ""]
-    lib = e["library"]
-    ap_key = {"pycocotools": "ap_pycocotools", "faster_coco_eval": "ap_faster", "hotcoco": "ap_hotcoco"}
-    out += _table(
-        ["backend", "end to end s (median)", "pycocotools / this", "AP", "library alone s", "update s",
-         "gather s", "datasets s", "COCOeval s"],
-        [[NAMES[k], f"{e[f'{k}_s']:.3f}", f"{e['pycocotools_s'] / e[f'{k}_s']:.1f}×", f"{e[ap_key[k]]:.6f}",
-          f"{lib[f'{k}_s']:.3f}", *_profile_cells(e["profile"][k])] for k in backends],
-    )
-    out += ["", f"Fastest: {NAMES[e['fastest']]}, **{e['speedup_fastest']:.1f}×** pycocotools end to end; "
-            f"largest |ΔAP| to pycocotools {e['ap_abs_diff']:.1e}. Profile columns (medians): update = our rows "
-            "and RLE encoding, gather = DDP gather, datasets = the COCO datasets and the backend's COCO objects "
-            "(ours), COCOeval = the backend's evaluate + accumulate + summarize. Library alone: COCO + loadRes + "
-            "COCOeval on the results list, as a script runs it."]
-    c = e.get("coco")
-    if c:
-        out += ["", f"### COCO-sized: {c['images']} images × {c['detections_per_image']} detections, "
-                f"{c.get('annotations')} generated annotations; bbox at {c['image_size'][0]}×{c['image_size'][1]}, "
-                f"segm masks at {c['mask_size'][0]}×{c['mask_size'][1]} ({c['seconds']} s in all)", ""]
-        rows = []
-        for t in ("bbox", "segm"):
-            entry = c[t]
-            py = entry["backends"].get("pycocotools")
-            for k, r in entry["backends"].items():
-                rows.append([t, NAMES[k], f"{r['s']:.2f}", f"{py['s'] / r['s']:.1f}×" if py else "–",
-                             f"{r['ap']:.6f}", *_profile_cells(r["profile"])])
-        out += _table(["iou type", "backend", "end to end s", "pycocotools / this", "AP", "update s", "gather s",
-                       "datasets s", "COCOeval s"], rows)
-    return out
+def run_section(cfg: DictConfig, b: DictConfig) -> dict[str, Any]:
+    """The eval section on the ground truth of ``bench.eval.split`` (train or val of ``cfg.data``)."""
+    dm = B.build_datamodule(cfg.data, with_masks=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    ds = dm.train_dataset if b.eval.split == "train" else dm.val_dataset
+    with _progress() as progress:
+        # updated batch by batch, as validation does
+        return run_eval(ds, b, int(cfg.data.val_batch_size), progress)

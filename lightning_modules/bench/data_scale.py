@@ -171,7 +171,7 @@ def run_data_scale(d: Any, seed: int, progress: Any) -> dict[str, Any]:
     for v in variants:
         progress.update(task, description=f"data_scale: {v} (parse, then {d.num_workers} workers x {d.batches} batches)")
         args = [str(root), v, int(d.num_workers), int(d.batches), int(d.batch_size), int(d.warmup_batches)]
-        code = f"import json, sys; from lightning_modules.bench_data_scale import measure; print(json.dumps(measure(*{args!r})))"
+        code = f"import json, sys; from lightning_modules.bench.data_scale import measure; print(json.dumps(measure(*{args!r})))"
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         if proc.returncode != 0:
@@ -180,23 +180,4 @@ def run_data_scale(d: Any, seed: int, progress: Any) -> dict[str, Any]:
     s = out["variants"]["serialized"]
     out.update({k: s[k] for k in ("parse_index_s", "peak_rss_mb", "workers_pss_growth_mb", "workers_rss_growth_mb",
                                   "loader_img_s", "images", "annotations")})
-    return out
-
-
-def render(d: dict[str, Any]) -> list[str]:
-    """bench.md lines of the data_scale section."""
-    v0 = next(iter(d["variants"].values()))
-    out = ["", f"## Data at COCO scale: {v0['annotations']} annotations on {d['variants']['serialized']['images']} "
-           f"training images ({d['annotation_file_mb']} MB annotation file), {v0['num_workers']} workers × "
-           f"{v0['batches']} batches of {v0['batch_size']}", ""]
-    head = ["records", "parse + index s", "peak RSS MB", "workers PSS start → end MB", "PSS growth MB",
-            "workers RSS start → end MB", "RSS growth MB", "loader img/s"]
-    rows = [[k, v["parse_index_s"], v["peak_rss_mb"], f"{v['workers_pss_start_mb']} → {v['workers_pss_end_mb']}",
-             v["workers_pss_growth_mb"], f"{v['workers_rss_start_mb']} → {v['workers_rss_end_mb']}",
-             v["workers_rss_growth_mb"], v["loader_img_s"]] for k, v in d["variants"].items()]
-    out += ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    out += ["", "serialized: records in one NumPy buffer (detection/data/serialize.py) and inherited objects "
-            "frozen in the workers; dict: the same loader with a Python dict of per-image dicts (before). "
-            "Growth: summed over the workers, from after the warm-up batches to the end."]
     return out

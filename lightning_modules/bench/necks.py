@@ -1,0 +1,136 @@
+"""The ``necks`` section: parameters and batch-1 latency of every detector x neck, interleaved."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from detection.detectors import Detector, parameter_summary
+from lightning_modules import builders as B
+from lightning_modules.bench.common import AUTOCAST, FP32, _progress, _stats, model_config, sync
+
+
+# -------------------------------------------------------------------------------------- necks
+@dataclass
+class Candidate:
+    """One timed model: a (detector, neck) pair in one variant (fp32, autocast, channels_last)."""
+
+    detector: str
+    neck: str
+    variant: str
+    run: Callable[[list[torch.Tensor]], Any]
+    ms: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)  # this process's CPU time, all its threads
+    detections: int = 0  # post-processing and the mask head scale with it: equal counts, fair times
+
+
+def _variant_runner(net: Detector, variant: str) -> Callable[[list[torch.Tensor]], Any]:
+    dtype = AUTOCAST.get(variant)
+    if dtype is None:
+        return net
+
+    def run(images: list[torch.Tensor]) -> Any:
+        with torch.autocast("cuda", dtype=dtype):
+            return net(images)
+
+    return run
+
+
+def run_necks(b: DictConfig, device: torch.device) -> dict[str, Any]:
+    """Build every model once, then time ``warmup + repeats`` interleaved passes over all of them."""
+    variants = [FP32] + (list(b.gpu_variants) if device.type == "cuda" else [])
+    pairs = [(d, n) for d in b.detectors for n in b.necks]
+    params: dict[tuple[str, str], dict[str, int]] = {}
+    candidates: list[Candidate] = []
+    with _progress() as progress:
+        task = progress.add_task("necks: build", total=len(pairs))
+        for d, n in pairs:
+            progress.update(task, description=f"necks: build {d} + {n}")
+            torch.manual_seed(b.seed)
+            net = B.build_net(model_config(b, d, n)).eval().to(device)
+            s = parameter_summary(net)
+            params[d, n] = {"params_trainable": s["params_trainable"], "params_total": s["params_total"]}
+            for v in variants:
+                if v == "channels_last":
+                    # a copy: channels_last changes the weights' layout, the other rows keep NCHW
+                    m = copy.deepcopy(net).to(memory_format=torch.channels_last)
+                    candidates.append(Candidate(d, n, v, m))
+                else:
+                    candidates.append(Candidate(d, n, v, _variant_runner(net, v)))
+            progress.advance(task)
+
+        g = torch.Generator().manual_seed(b.seed)
+        image = torch.rand(3, *b.size, generator=g).to(device)  # one random image in [0, 1]
+        passes = b.warmup + b.repeats
+        task = progress.add_task("necks: time", total=passes * len(candidates))
+        with torch.inference_mode():
+            for r in range(passes):
+                for c in candidates:
+                    progress.update(task, description=f"necks: {'warm-up' if r < b.warmup else 'repeat'} "
+                                    f"{r + 1}/{passes} {c.detector} + {c.neck} {c.variant}")
+                    sync(device)
+                    start, start_cpu = time.perf_counter(), time.process_time()
+                    out = c.run([image])
+                    sync(device)
+                    if r >= b.warmup:
+                        c.ms.append(1000 * (time.perf_counter() - start))
+                        c.cpu_ms.append(1000 * (time.process_time() - start_cpu))
+                    c.detections = len(out[0]["scores"])
+                    progress.advance(task)
+
+    by_key = {(c.detector, c.neck, c.variant): c for c in candidates}
+
+    def paired(c: list[float], ref: list[float]) -> float:
+        # per-repeat ratio, then the median: each pair ran seconds apart in the same pass
+        return statistics.median(t / r for t, r in zip(c, ref))
+
+    def spread(c: list[float], ref: list[float], key: str) -> dict[str, Any]:
+        """The per-repeat ratios' quartiles and the median's standard error (1.2533 s / sqrt(n), the
+        normal approximation): two runs agree within about 2 x sem when the machine behaves alike."""
+        ratios = [t / r for t, r in zip(c, ref)]
+        out: dict[str, Any] = {f"{key}_repeats": [round(v, 4) for v in ratios]}
+        if len(ratios) >= 2:
+            q = statistics.quantiles(ratios, n=4, method="inclusive")
+            out[f"{key}_q25"], out[f"{key}_q75"] = round(q[0], 4), round(q[2], 4)
+            out[f"{key}_sem"] = round(1.2533 * statistics.stdev(ratios) / math.sqrt(len(ratios)), 4)
+        return out
+
+    rows, gpu_rows = [], []
+    for c in candidates:
+        ref = by_key[c.detector, b.reference_neck, c.variant]
+        st = _stats(c.ms)
+        row = {
+            "detector": c.detector, "neck": c.neck, **params[c.detector, c.neck],
+            "ms_median": round(st["median"], 3), "ms_min": round(st["min"], 3), "ms_max": round(st["max"], 3),
+            "ratio_vs_fpn": round(paired(c.ms, ref.ms), 4), "detections": c.detections,
+            **spread(c.ms, ref.ms, "ratio_vs_fpn"),
+        }
+        if device.type == "cpu":
+            # On a machine shared with other jobs wall time also counts waiting for a core; the
+            # process's CPU time does not, so its ratio is the steadier figure there.
+            row["cpu_ms_median"] = round(statistics.median(c.cpu_ms), 3)
+            row["ratio_vs_fpn_cpu"] = round(paired(c.cpu_ms, ref.cpu_ms), 4)
+            row.update(spread(c.cpu_ms, ref.cpu_ms, "ratio_vs_fpn_cpu"))
+        if c.variant == FP32:
+            rows.append(row)
+        else:
+            fp32 = by_key[c.detector, c.neck, FP32]
+            gpu_rows.append({**row, "variant": c.variant, "speedup_vs_fp32": round(paired(fp32.ms, c.ms), 4)})
+    memory = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        memory["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    del candidates, by_key
+    gc.collect()
+    return {"rows": rows, "gpu_rows": gpu_rows, "memory": memory}
+
+
