@@ -174,7 +174,7 @@ def build_optimizer(cfg: DictConfig, node: DictConfig | None = None, key: str = 
                          "the parameters)")
     lr = opt.keywords.get("lr")
     if lr is not None and not (isinstance(lr, int | float) and lr > 0):
-        raise ValueError(f"{key}.lr={lr!r}: expected a positive number")
+        raise ValueError(f"{key}.lr={lr!r} must be a positive number")
     if not cfg.optim.get("scale_lr", False):
         return opt
     if lr is None:

@@ -78,7 +78,7 @@ def test_srfgan_cpu_recipe_keeps_epoch_lengths(tmp_path):
 
 @pytest.mark.parametrize(("detector", "lr"), [("retinanet", 0.01), ("fcos", 0.01), ("faster_rcnn", 0.02),
                                               ("mask_rcnn", 0.02), ("cascade_rcnn", 0.02),
-                                              ("cascade_mask_rcnn", 0.02)])
+                                              ("cascade_mask_rcnn", 0.02), ("centermask", 0.01)])
 def test_each_detector_carries_its_base_lr_at_recipe_paper(tmp_path, detector, lr):
     cfg = compose_cfg("train", ["recipe=paper", *COCO, f"detector={detector}", "data.batch_size=16"], tmp_path)
     assert cfg.detector.base_lr == lr and cfg.optim.optimizer.lr == lr

@@ -21,7 +21,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.roi_heads import maskrcnn_inference, maskrcnn_loss
 from torchvision.ops import box_area, clip_boxes_to_image, roi_align
 
-from detection.detectors.base import Detector, Parts
+from detection.detectors.base import Detector, Parts, widen_group_norm_groups
 from detection.detectors.fcos import fcos_anchors, fcos_kwargs
 
 
@@ -186,7 +186,7 @@ def build(parts: Parts, mask_rois_per_image: int = 128) -> Detector:
     model = CenterMask(
         parts.backbone, k, LevelRoIAlign(parts.body_levels, parts.strides[:n], 14, 2),
         SAGMaskHead(parts.channels, parts.mask_head_channels, k), mask_rois_per_image,
-        anchor_generator=fcos_anchors(parts), head=_MatchRecordingHead(parts.channels, 1, k, num_convs=4),
+        anchor_generator=fcos_anchors(parts), head=widen_group_norm_groups(_MatchRecordingHead(parts.channels, 1, k, num_convs=4)),
         **fcos_kwargs(parts),
     )
     return Detector(model, parts.name, k, label_offset=0, with_masks=True)
