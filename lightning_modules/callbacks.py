@@ -10,6 +10,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
+from lightning_modules.compat import batches_that_stepped, restore_loader_states_mid_epoch, train_loaders
+
 log = logging.getLogger("pyramidlab")
 
 
@@ -140,7 +142,7 @@ class RestoreTrainLoaderState(L.Callback):
         rows = {lg.log_dir: lg.experiment.rows() for lg in self._csv_loggers(trainer)}
         # the logged step of the first batch the resumed run will train: Lightning writes a batch's row
         # after the checkpoint callbacks of that batch ran
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped + int(self._in_batch) if trainer else 0
+        step = batches_that_stepped(trainer) + int(self._in_batch) if trainer else 0
         return {"csv_rows": rows, "csv_step": step}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -156,16 +158,11 @@ class RestoreTrainLoaderState(L.Callback):
         return [lg for lg in trainer.loggers if isinstance(lg, ResumableCSVLogger)]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        fit_loop = trainer.fit_loop
-        pending = fit_loop._combined_loader_states_to_load
-        loaders = getattr(fit_loop._combined_loader, "flattened", None) or []
-        for dl in loaders:
+        for dl in train_loaders(trainer):
             # an epoch cut short by limit_train_batches ends before the loader does: a checkpoint at its
             # last batch is an epoch end, not a resume point inside it
             dl._epoch_batches = trainer.num_training_batches
-        if fit_loop.restarted_mid_epoch and pending and fit_loop._data_fetcher is not None:
-            fit_loop._load_combined_loader_states()
-            iter(fit_loop._data_fetcher)
+        restore_loader_states_mid_epoch(trainer)
         resuming, rows = bool(trainer.ckpt_path), self._csv_rows or {}
         for lg in self._csv_loggers(trainer):
             if not resuming:

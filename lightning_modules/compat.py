@@ -30,3 +30,78 @@ def ddp_finds_unused_parameters(strategy: Any) -> bool | None:
     if not isinstance(kwargs, dict):
         raise _missing("lightning.pytorch.strategies.DDPStrategy._ddp_kwargs", "lightning 2.6")
     return bool(kwargs.get("find_unused_parameters", False))
+
+
+# ------------------------------------------------------------------------------------------- Hydra
+def basic_sweeper_class() -> type:
+    """Hydra's ``BasicSweeper`` (hydra-core 1.3.x: ``hydra._internal.core_plugins.basic_sweeper``).
+
+    Hydra has no public import path for its default sweeper; pyramidlab's ``ResumableSweeper``
+    subclasses it (finishing an existing sweep folder), and the report splits a grid the way it does.
+    """
+    try:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    except ImportError as e:
+        raise _missing("hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "hydra-core 1.3.8") from e
+    return BasicSweeper
+
+
+def sweeper_params(sweeper: Any) -> list[str]:
+    """The ``hydra.sweeper.params`` of a ``BasicSweeper`` as override strings (its ``_parse_config``,
+    hydra-core 1.3.8): the resumable sweep must split the grid exactly as Hydra would."""
+    parse = getattr(sweeper, "_parse_config", None)
+    if parse is None:
+        raise _missing("BasicSweeper._parse_config", "hydra-core 1.3.8")
+    return list(parse())
+
+
+# ----------------------------------------------------------------------------------------- Lightning
+def set_ddp_child_command(command: Any) -> None:
+    """Replace Lightning's ``_hydra_subprocess_cmd`` (lightning 2.6: ``strategies.launchers.subprocess_script``).
+
+    Lightning re-runs ``sys.argv`` for each DDP child when Hydra is in use; in a multirun that
+    re-runs the whole sweep in every child (a second sweep folder, jobs started twice). The hook is
+    the only place to give children the job's own command.
+    """
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    if not hasattr(subprocess_script, "_hydra_subprocess_cmd"):
+        # without the hook DDP children would silently re-run whole sweeps
+        raise _missing("lightning.pytorch.strategies.launchers.subprocess_script._hydra_subprocess_cmd", "lightning 2.6.6")
+    subprocess_script._hydra_subprocess_cmd = command  # type: ignore[attr-defined]
+
+
+def batches_that_stepped(trainer: Any) -> int:
+    """Batches of this fit that stepped the optimizer (the loggers' step; lightning 2.6.6:
+    ``fit_loop.epoch_loop._batches_that_stepped``): a resumed CSV log is cut back to it."""
+    loop = trainer.fit_loop.epoch_loop
+    if not hasattr(loop, "_batches_that_stepped"):
+        raise _missing("fit_loop.epoch_loop._batches_that_stepped", "lightning 2.6.6")
+    return int(loop._batches_that_stepped)
+
+
+def train_loaders(trainer: Any) -> list:
+    """The fit loop's train DataLoaders (lightning 2.6.6: ``fit_loop._combined_loader.flattened``)."""
+    fit_loop = trainer.fit_loop
+    if not hasattr(fit_loop, "_combined_loader"):
+        raise _missing("fit_loop._combined_loader", "lightning 2.6.6")
+    return list(getattr(fit_loop._combined_loader, "flattened", None) or [])
+
+
+def restore_loader_states_mid_epoch(trainer: Any) -> bool:
+    """Load the train loaders' saved positions when resuming inside an epoch; True if it did.
+
+    Lightning 2.6.6 restores a stateful DataLoader's state only after it has set the data up, and a
+    resumed mid-epoch run would otherwise replay the epoch's first batches: the fit loop's
+    ``_combined_loader_states_to_load`` / ``_load_combined_loader_states`` / ``_data_fetcher`` are the
+    only way to apply them before the first batch is drawn.
+    """
+    fit_loop = trainer.fit_loop
+    for name in ("_combined_loader_states_to_load", "_load_combined_loader_states", "_data_fetcher"):
+        if not hasattr(fit_loop, name):
+            raise _missing(f"fit_loop.{name}", "lightning 2.6.6")
+    if fit_loop.restarted_mid_epoch and fit_loop._combined_loader_states_to_load and fit_loop._data_fetcher is not None:
+        fit_loop._load_combined_loader_states()
+        iter(fit_loop._data_fetcher)
+        return True
+    return False

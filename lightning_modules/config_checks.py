@@ -71,10 +71,10 @@ def _describe(tp: Any) -> str:
 
 
 def _hints(target: str) -> dict[str, Any]:
-    from hydra._internal.utils import _locate
+    from hydra.utils import get_object
 
     try:
-        obj = _locate(target)
+        obj = get_object(target)
         fn = obj.__init__ if inspect.isclass(obj) else obj
         hints = typing.get_type_hints(fn)
     except Exception:  # noqa: BLE001 - unresolvable annotations or target: nothing to check against

@@ -401,7 +401,9 @@ def run_resumable_sweep(sweeper: Any, arguments: list[str]) -> list:
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    params_conf = sweeper._parse_config() + list(arguments)
+    from lightning_modules.compat import sweeper_params
+
+    params_conf = sweeper_params(sweeper) + list(arguments)
     parser = OverridesParser.create(config_loader=sweeper.hydra_context.config_loader)
     sweeper.overrides = sweeper.split_arguments(parser.parse_overrides(params_conf), sweeper.max_batch_size)
     sweep_dir = Path(sweeper.config.hydra.sweep.dir)
@@ -542,12 +544,6 @@ def ddp_child_command(local_rank: int) -> tuple[list[str], str]:
 
 def install_ddp_child_command() -> None:
     """Make Lightning's DDP launcher start children with :func:`ddp_child_command`."""
-    from lightning.pytorch.strategies.launchers import subprocess_script
+    from lightning_modules.compat import set_ddp_child_command
 
-    if not hasattr(subprocess_script, "_hydra_subprocess_cmd"):
-        # a Lightning without this hook would silently re-run whole sweeps in DDP children
-        raise RuntimeError(
-            "lightning.pytorch.strategies.launchers.subprocess_script._hydra_subprocess_cmd is gone in "
-            "this Lightning version; pyramidlab's DDP child command needs updating"
-        )
-    subprocess_script._hydra_subprocess_cmd = ddp_child_command  # type: ignore[attr-defined]
+    set_ddp_child_command(ddp_child_command)

@@ -105,14 +105,15 @@ def grid_jobs(cfg: Any) -> list[list[str]] | None:
     target = str(OmegaConf.select(cfg, "hydra.sweeper._target_", default=""))
     if not target.endswith(GRID_SWEEPERS):
         return None
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from lightning_modules.compat import basic_sweeper_class
 
     node = cfg.hydra.sweeper.get("params")
     params = OmegaConf.to_container(node, resolve=False) if node is not None else {}
     args = [f"{k}={v}" for k, v in params.items()] + [str(o) for o in cfg.hydra.overrides.task]
     parsed = OverridesParser.create().parse_overrides(args)
-    batches = BasicSweeper.split_arguments(parsed, None)
+    batches = basic_sweeper_class().split_arguments(parsed, None)
     return [list(job) for batch in batches for job in batch]
 
 

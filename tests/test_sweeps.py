@@ -317,7 +317,7 @@ def test_ddp_cpu_multirun_through_the_cli_keeps_one_sweep_dir(tmp_path, shapes_r
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400, env=_env())
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Starting with 2 processes" in out.stdout + out.stderr
-    (sweep,) = list((runs / "train").iterdir())  # one sweep folder, even though rank 1 started seconds later
+    (sweep,) = list((runs / "debug" / "train").iterdir())  # one sweep folder, though rank 1 started seconds later
     (job,) = [p for p in sweep.iterdir() if p.is_dir()]
     assert job.name == "0"  # no swept key
     assert (job / "train_ddp_rank1.log").is_file()  # rank 1 ran in this job's folder

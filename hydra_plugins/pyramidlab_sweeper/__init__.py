@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from lightning_modules.compat import basic_sweeper_class
+
+BasicSweeper = basic_sweeper_class()
 
 
 class ResumableSweeper(BasicSweeper):
