@@ -17,7 +17,9 @@ from tests.conftest import SHAPES_GEN
 EXE = Path(sys.executable).parent / "pyramidlab-srfgan"
 TINY = ["debug=fdr", "neck.out_channels=32", "neck.generator.num_blocks=1", "neck.generator.mid_channels=8",
         "srf.discriminator.channels=[8,8,8]", "data.min_size=64", "data.max_size=96", "data.val_batch_size=2",
-        "data.batch_size=2", "logger=csv", "backbone.frozen_stages=0", *SHAPES_GEN]
+        "data.batch_size=2", "logger=csv", "backbone.frozen_stages=0", "callbacks=none", *SHAPES_GEN]
+# callbacks=none: no curves / validation images / checkpoints per job (a fast_dev_run keeps none anyway);
+# stage 1 still gets its Fig. 2 callback from the pipeline
 
 
 def run_table(name: str, tmp: Path, root: Path, *extra: str) -> tuple[Path, list[dict], str]:
