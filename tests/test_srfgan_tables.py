@@ -73,6 +73,11 @@ def test_single_detector_tables(tmp_path, shapes_root, name, rows_expected, shar
     if shared:
         assert sorted(p.name for p in (out / "shared").iterdir()) == shared
         assert trained(out / "shared") == len(shared)
+    if name == "table7":  # the same command again finishes the sweep: both jobs completed, so both skipped
+        before = {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")}
+        _, again, log = run_table(name, tmp_path, shapes_root, "detector=retinanet")
+        assert "2 jobs, 2 skip, 0 resume, 0 start" in log and again == rows
+        assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")} == before
     if name == "table5":  # BL/BC train the detector with a fixed interpolation: FPN's parameters, no G
         params = {r["variant"]: float(r["params [M]"]) for r in rows}
         assert params["A1"] == params["BL"] == params["BC"] < params["A5"]
