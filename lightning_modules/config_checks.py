@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import collections.abc
 import inspect
+import logging
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+log = logging.getLogger("pyramidlab")
 
 __all__ = ["check_types", "prepare_config"]
 
@@ -123,21 +126,43 @@ def check_types(cfg: DictConfig) -> None:
 
 def prepare_config(cfg: DictConfig) -> DictConfig:
     """Type checks, absolute data paths, ``data.num_classes`` from the annotation file; edits ``cfg`` in place."""
-    check_types(cfg)
     data = cfg.get("data") if "data" in cfg else None
-    if not isinstance(data, DictConfig):
-        return cfg
-    if "root" in data and not OmegaConf.is_missing(data, "root") and data.root is not None:
-        root = Path(str(data.root)).expanduser()
-        if not root.is_absolute():
-            data.root = str(root.absolute())
-    if "num_classes" in data and data.get("num_classes", 0) is None:
-        if data.get("name") == "shapes":
-            from detection.data.shapes import SHAPE_CATEGORIES
-
-            data.num_classes = len(SHAPE_CATEGORIES)
-        elif not OmegaConf.is_missing(data, "root"):
-            from lightning_modules.datamodule import num_classes_from_files
-
-            data.num_classes = num_classes_from_files(data)
+    if isinstance(data, DictConfig):
+        if "root" in data and not OmegaConf.is_missing(data, "root") and data.root is not None:
+            root = Path(str(data.root)).expanduser()
+            if not root.is_absolute():
+                data.root = str(root.absolute())
+        resolve_num_classes(data)  # before the type checks: detector.num_classes follows it
+    check_types(cfg)
     return cfg
+
+
+# COCO's categories: what `data=coco` builds when no annotation file is there to read (pyramidlab-summary,
+# the bench: the papers' 80-class layouts need no data)
+COCO_NUM_CLASSES = 80
+
+
+def resolve_num_classes(data: DictConfig) -> None:
+    """``data.num_classes: null`` -> the number of categories of the annotation file (in place).
+
+    The embedded data has its 8; COCO-format data reads its file, and ``data=coco`` without any
+    annotation file (nothing to train or evaluate on: the summary, the bench) builds COCO's 80.
+    """
+    if "num_classes" not in data or data.get("num_classes", 0) is not None:
+        return
+    if data.get("name") == "shapes":
+        from detection.data.shapes import SHAPE_CATEGORIES
+
+        data.num_classes = len(SHAPE_CATEGORIES)
+        return
+    from lightning_modules.datamodule import num_classes_from_files
+
+    try:
+        if OmegaConf.is_missing(data, "root"):
+            raise FileNotFoundError("data.root is not set")
+        data.num_classes = num_classes_from_files(data)
+    except FileNotFoundError:
+        if data.get("name") != "coco":
+            raise
+        log.info(f"data.num_classes=null and no annotation file to read: COCO's {COCO_NUM_CLASSES} categories")
+        data.num_classes = COCO_NUM_CLASSES

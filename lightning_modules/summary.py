@@ -10,10 +10,13 @@ from omegaconf import DictConfig
 
 from detection.detectors import parameter_summary
 from lightning_modules.builders import build_net
+from lightning_modules.config_checks import resolve_num_classes
 from lightning_modules.paths import CONF_DIR
 
 
 def summarize(cfg: DictConfig) -> dict:
+    if cfg.get("data") is not None:
+        resolve_num_classes(cfg.data)  # data.num_classes: null -> the annotation file's (or COCO's 80)
     net = build_net(cfg)
     s = parameter_summary(net)
     # The papers count trainable parameters (frozen stem + layer1): give M with 2 decimals too.

@@ -15,6 +15,7 @@ import torch
 from detection.data.coco import CocoDetection, read_coco_json
 from lightning_modules.datamodule import DetectionDataModule
 from tests.coco_fixture import _make_coco
+from tests.conftest import compose_cfg
 
 
 def _coco(tmp_path: Path, edit=None) -> Path:
@@ -123,6 +124,19 @@ def test_num_classes_null_reads_the_file_and_a_disagreeing_value_names_both(tmp_
     assert dm.train_dataset.num_classes == 3
     with pytest.raises(ValueError, match=r"instances_s\.json has 3 categories but data.num_classes=5 was expected"):
         _dm(root, num_classes=5).setup("fit")
+
+
+def test_coco_data_reads_its_number_of_classes_by_default(tmp_path):
+    """`data=coco` with any COCO-format dataset: no data.num_classes needed; without a file, COCO's 80."""
+    from lightning_modules.config_checks import prepare_config
+    from lightning_modules.summary import summarize
+
+    root = _coco(tmp_path)
+    cfg = compose_cfg("train", ["data=coco", "data.train_split=s", "data.val_split=s", "backbone=resnet18"],
+                      tmp_path / "a", root)
+    assert cfg.data.num_classes is None and prepare_config(cfg).data.num_classes == 3
+    paper = compose_cfg("summary", ["data=coco", "data.root=/nonexistent", "backbone=resnet18"], tmp_path / "b")
+    assert summarize(paper)["num_classes"] == 80
 
 
 def test_ann_file_and_img_dir_per_split_and_an_images_only_test_file(tmp_path):
