@@ -60,7 +60,7 @@ class DetectionModule(L.LightningModule):
         scheduler: ``name`` (``step | cosine | constant``), ``warmup_iters``,
             ``warmup_ratio``, ``milestones`` (epochs, for ``step``), ``gamma``,
             ``final_ratio`` (for ``cosine``). Stepped every optimizer step.
-        eval_backend: ``faster_coco_eval`` (default) or ``pycocotools``.
+        eval_backend: ``hotcoco`` (default), ``faster_coco_eval`` or ``pycocotools``.
         category_ids: original dataset category id of each contiguous label (for the
             detections file); the datamodule provides it at fit/test time if None.
         tta: test-time augmentation of the test step (``eval.tta``; see :func:`tta_settings`):
@@ -73,7 +73,7 @@ class DetectionModule(L.LightningModule):
         net: Detector,
         optimizer: functools.partial,
         scheduler: dict | None = None,
-        eval_backend: str = "faster_coco_eval",
+        eval_backend: str = "hotcoco",
         category_ids: list[int] | None = None,
         tta: dict | None = None,
     ) -> None:

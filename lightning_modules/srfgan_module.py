@@ -374,7 +374,7 @@ class SRFExtractorModule(AdversarialSteps, DetectionModule):
         degradation: str = "bilinear",
         scale: float = 0.5,
         level_matching: str = "same",
-        eval_backend: str = "faster_coco_eval",
+        eval_backend: str = "hotcoco",
         category_ids: list[int] | None = None,
         test_degraded: bool = False,
         gradient_clip: float | None = None,

@@ -268,7 +268,7 @@ def build_stage2_module(cfg: DictConfig, target_ckpt: str | Path, stage1_ckpt: s
         scheduler=OmegaConf.to_container(srf.stage2.scheduler, resolve=True),
         adv_weight=float(srf.adv_weight), srf_weight=float(srf.stage2.get("srf_weight", 1.0)),
         degradation=str(srf.degradation), scale=float(srf.scale), level_matching=str(srf.level_matching),
-        eval_backend=str(cfg.eval.backend) if cfg.get("eval") else "faster_coco_eval",
+        eval_backend=str(cfg.eval.backend) if cfg.get("eval") else "hotcoco",
         gradient_clip=srf.get("gradient_clip"), source=str(target_ckpt),
     )
     if module.level_matching == "same" and [p[0] for p in module.pairs] != module.strides:
