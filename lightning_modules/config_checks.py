@@ -105,6 +105,8 @@ def check_types(cfg: DictConfig) -> None:
                     value = node[key]
                 except Exception:  # noqa: BLE001 - an interpolation that resolves only at run time
                     continue
+                if value is None and OmegaConf.is_interpolation(node, key):
+                    continue  # an interpolation with nothing behind it outside a job (hydra:runtime.*)
                 if key in hints and not isinstance(value, DictConfig | ListConfig):
                     if _verdict(value, hints[key]) is False:
                         raise TypeError(f"{full}={value}: expected {_describe(hints[key])} "

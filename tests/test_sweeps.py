@@ -434,7 +434,8 @@ def test_scale_lr_is_linear_in_the_total_batch(tmp_path):
         cfg = compose_cfg("train", ["optim=sgd", *over], tmp_path)
         return B.build_optimizer(cfg).keywords["lr"]
 
-    assert lr() == 0.01 and lr("optim.scale_lr=false", "trainer=ddp_cpu") == 0.01
+    assert lr("optim.scale_lr=false") == 0.01 and lr("optim.scale_lr=false", "trainer=ddp_cpu") == 0.01
+    assert lr() == pytest.approx(0.01 * 4 / 16)  # recipe=paper (the default) scales: 4 images per step
     assert lr("optim.scale_lr=true", "data.batch_size=4", "trainer=ddp_cpu") == pytest.approx(0.01 * 8 / 16)
     assert lr("optim.scale_lr=true", "data.batch_size=4", "trainer=ddp_cpu", "trainer.num_nodes=2",
               "trainer.accumulate_grad_batches=2") == pytest.approx(0.01 * 32 / 16)
