@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import SHAPES_GEN
 
@@ -52,6 +53,13 @@ def test_tables_that_reuse_one_extractor_across_target_detectors(tmp_path, shape
         assert len(rows) == 6
         shared = sorted(p.name for p in (out / "shared").iterdir())
         assert shared == ["stage0", "stage1", "stage2_mask_rcnn", "stage2_retinanet"]
+        # a Mask R-CNN extractor (P2-P5) against F on P2-P5, then into a RetinaNet target (P3-P7): matched by stride
+        s2 = json.loads((out / "shared" / "stage2_mask_rcnn" / "stage.json").read_text())
+        assert torch.load(s2["final_checkpoint"], weights_only=True)["srfgan"]["strides"] == [4, 8, 16, 32]
+        (job,) = [p for p in out.iterdir() if p.name.endswith("retinanet_from_mask_rcnn")]
+        assert json.loads((job / "stage3_A5" / "stage.json").read_text())["transfer"]["matched_strides"] == [8, 16, 32]
+        s2r = json.loads((out / "shared" / "stage2_retinanet" / "stage.json").read_text())  # P3-P5 vs F's P3-P5
+        assert torch.load(s2r["final_checkpoint"], weights_only=True)["srfgan"]["pairs"] == [[8, 8], [16, 16], [32, 32]]
     # no job trained a stage of its own other than its stage 3
     for job in (p for p in out.iterdir() if (p / ".hydra").is_dir()):
         assert [p.name for p in job.iterdir() if p.name.startswith("stage")] == [
