@@ -16,6 +16,7 @@ from detection.evaluation import write_json_atomic
 from lightning_modules import builders as B
 from lightning_modules import hydra_callbacks as H
 from lightning_modules.callbacks import check_resume
+from lightning_modules.config_checks import resolve_num_classes
 from lightning_modules.paths import CONF_DIR
 
 
@@ -129,6 +130,7 @@ def train(cfg: DictConfig, job_type: str = "train") -> dict[str, float]:
     if cfg.get("seed") is not None:  # `if cfg.seed` would skip seed=0
         L.seed_everything(cfg.seed, workers=True)
     resume = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    resolve_num_classes(cfg.data)  # data.num_classes: null -> the annotation file's (the CLI did it already)
     net = B.build_net(cfg)
     datamodule = B.build_datamodule(cfg.data, net.with_masks)
     module = B.build_module(cfg, net)
