@@ -1,17 +1,30 @@
-"""Shared by the bench sections: section names, config checks, devices, progress bars, timing stats."""
+"""Shared by the bench sections: section names, config checks, devices, progress bars, timing stats,
+and the training plumbing of the sections that train (``framework``/``data``): the
+Lightning arm's config and callbacks, the plain arm's batches, optimizer and step."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
+import math
+import os
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf
+from lightning.fabric.utilities.seed import pl_worker_init_function
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from detection.detectors import Detector
 from lightning_modules import builders as B
 from lightning_modules.paths import CONF_DIR
 
@@ -135,3 +148,137 @@ def _progress(transient: bool = False) -> Progress:
     )
 
 
+# ------------------------------------------------------------ training: both arms' plumbing
+def training_config(cfg: DictConfig, device: torch.device, total_steps: int, steps_per_epoch: int) -> DictConfig:
+    """The top-level training config on one device, stopped after ``total_steps`` optimizer steps,
+    without validation or checkpoints (neither arm validates or saves: validation changes no weight,
+    and its loader would draw from the RNG the training loader's workers are seeded from)."""
+    fcfg = copy.deepcopy(cfg)
+    with open_dict(fcfg):
+        t = fcfg.trainer
+        t.accelerator = "gpu" if device.type == "cuda" else "cpu"
+        t.devices, t.num_nodes, t.strategy = 1, 1, "auto"
+        t.max_steps = total_steps
+        t.max_epochs = math.ceil(total_steps / steps_per_epoch)  # enough epochs: max_steps decides
+        t.limit_train_batches = 1.0
+        t.limit_val_batches = 0
+        t.num_sanity_val_steps = 0
+        t.enable_checkpointing = False
+        t.fast_dev_run = False
+        t.enable_model_summary = False  # once per round otherwise (outside the timed steps either way)
+    precision = str(fcfg.trainer.precision)
+    if precision not in AUTOCAST:
+        raise ValueError(
+            f"trainer.precision={precision}: the bench's plain loop runs {sorted(AUTOCAST)}; choose one of those"
+        )
+    if int(fcfg.trainer.get("accumulate_grad_batches") or 1) != 1:
+        raise ValueError(f"trainer.accumulate_grad_batches={fcfg.trainer.accumulate_grad_batches}: the bench's plain "
+                         "loop steps after every batch; set it to 1")
+    return fcfg
+
+
+def lightning_callbacks(fcfg: DictConfig) -> list[L.Callback]:
+    # as configured (progress bar, LR monitor, curves, ...) minus checkpointing, which the plain
+    # arm has no counterpart for (and Lightning refuses with enable_checkpointing=False)
+    return [c for c in B.build_callbacks(fcfg) if not isinstance(c, ModelCheckpoint)]
+
+
+def set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
+    """``set_epoch`` of the loader's sampler(s), as Lightning's fit loop calls it at every epoch start."""
+    for s in {id(s): s for s in (getattr(loader, "sampler", None),
+                                 getattr(getattr(loader, "batch_sampler", None), "sampler", None))}.values():
+        if callable(getattr(s, "set_epoch", None)):
+            s.set_epoch(epoch)
+
+
+def seed_workers(loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
+    """Seed ``loader``'s workers as the Trainer seeds them after ``seed_everything(workers=True)``
+    (``PL_SEED_WORKERS=1``: Lightning 2.6's ``_auto_add_worker_init_fn`` gives a loader without a
+    ``worker_init_fn`` Lightning's public ``pl_worker_init_function``), so that both arms' workers draw
+    the same augmentations."""
+    if int(os.environ.get("PL_SEED_WORKERS", 0)) and loader.worker_init_fn is None:
+        loader.worker_init_fn = functools.partial(pl_worker_init_function, rank=0)
+    return loader
+
+
+def cycle_batches(loader: torch.utils.data.DataLoader) -> Iterator[Any]:
+    """Batches of ``loader`` across epoch ends, each epoch started as the fit loop starts it."""
+    epoch = 0
+    while True:
+        set_epoch(loader, epoch)
+        yield from loader
+        epoch += 1
+
+
+def to_device(batch: Any, device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
+    images, targets = batch
+    images = [i.to(device) for i in images]
+    targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def plain_optimizers(fcfg: DictConfig, net: Detector, total_steps: int,
+                     per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
+    """The optimizer and per-step LR schedule ``DetectionModule.configure_optimizers`` builds (with
+    lightning_modules/optim.py) for ``total_steps`` steps of ``per_epoch`` per epoch; the namespace
+    stands in for the Trainer fields ``iteration_budget`` reads."""
+    holder = B.build_module(fcfg, net)
+    holder.trainer = SimpleNamespace(estimated_stepping_batches=total_steps, max_epochs=fcfg.trainer.max_epochs,
+                                     max_steps=-1, num_training_batches=per_epoch)
+    conf = holder.configure_optimizers()
+    return conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+
+
+class PlainStep:
+    """One iteration of torchvision's ``references/detection/engine.py::train_one_epoch``: forward
+    (under autocast for a mixed ``trainer.precision``), sum of the loss dict, finite check, zero_grad,
+    backward, the Trainer's gradient clipping (``trainer.gradient_clip_val`` / ``_algorithm``, as
+    torchvision's classification reference clips: after unscaling), optimizer step, LR step."""
+
+    def __init__(self, fcfg: DictConfig, net: Detector, device: torch.device, total_steps: int,
+                 per_epoch: int) -> None:
+        self.net, self.device = net.to(device).train(), device  # on the device before the optimizer takes it
+        self.optimizer, self.lr_scheduler = plain_optimizers(fcfg, net, total_steps, per_epoch)
+        self.dtype = AUTOCAST[str(fcfg.trainer.precision)]
+        self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
+        clip = fcfg.trainer.get("gradient_clip_val")
+        self.clip = float(clip) if clip is not None and float(clip) > 0 else None
+        self.clip_algorithm = str(fcfg.trainer.get("gradient_clip_algorithm") or "norm")
+        if self.clip_algorithm not in ("norm", "value"):
+            raise ValueError(f"trainer.gradient_clip_algorithm={self.clip_algorithm!r}: expected norm or value")
+        self.count = 0
+
+    def _clip(self) -> None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]  # Lightning clips these
+        if self.clip_algorithm == "norm":
+            torch.nn.utils.clip_grad_norm_(params, self.clip)
+        else:
+            torch.nn.utils.clip_grad_value_(params, self.clip)
+
+    def __call__(self, images: list[torch.Tensor], targets: list[dict]) -> float:
+        """Train on one batch (already on the device); the summed loss before the step."""
+        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None \
+            else contextlib.nullcontext()
+        with autocast:
+            loss_dict = self.net(images, targets)
+            losses = sum(loss for loss in loss_dict.values())
+        loss_value = losses.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"plain loop: non-finite loss {loss_value} at step {self.count}: "
+                                     f"{ {n: float(v) for n, v in loss_dict.items()} }")
+        self.optimizer.zero_grad()
+        if self.scaler is not None:
+            self.scaler.scale(losses).backward()
+            if self.clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                self._clip()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            losses.backward()
+            if self.clip is not None:
+                self._clip()
+            self.optimizer.step()
+        self.lr_scheduler.step()
+        self.count += 1
+        return loss_value

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import cProfile
 import gc
@@ -11,20 +10,29 @@ import math
 import pstats
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from detection.detectors import Detector
 from lightning_modules import builders as B
-from lightning_modules.bench.common import AUTOCAST, FRAMEWORK_FILES, _progress, console, sync
+from lightning_modules.bench.common import (
+    FRAMEWORK_FILES,
+    PlainStep,
+    _progress,
+    console,
+    cycle_batches,
+    lightning_callbacks,
+    seed_workers,
+    sync,
+    to_device,
+    training_config,
+)
 
 
 # -------------------------------------------------------------------- framework and data
@@ -76,37 +84,6 @@ class StepTimer(L.Callback):
                 self.result.cpu_s = now_cpu - self._start_cpu
 
 
-def training_config(cfg: DictConfig, b: DictConfig, device: torch.device, steps_per_epoch: int) -> DictConfig:
-    """The top-level training config on one device, stopped after the round's steps, without
-    validation or checkpoints (neither arm evaluates or saves: both measure training alone)."""
-    fcfg = copy.deepcopy(cfg)
-    total = b.framework.warmup_steps + b.framework.steps
-    with open_dict(fcfg):
-        t = fcfg.trainer
-        t.accelerator = "gpu" if device.type == "cuda" else "cpu"
-        t.devices, t.num_nodes, t.strategy = 1, 1, "auto"
-        t.max_steps = total
-        t.max_epochs = math.ceil(total / steps_per_epoch)  # enough epochs: max_steps decides
-        t.limit_train_batches = 1.0
-        t.limit_val_batches = 0
-        t.num_sanity_val_steps = 0
-        t.enable_checkpointing = False
-        t.fast_dev_run = False
-        t.enable_model_summary = False  # once per round otherwise (outside the timed steps either way)
-    precision = str(fcfg.trainer.precision)
-    if precision not in AUTOCAST:
-        raise ValueError(
-            f"trainer.precision={precision}: the bench's plain loop runs {sorted(AUTOCAST)}; choose one of those"
-        )
-    return fcfg
-
-
-def lightning_callbacks(fcfg: DictConfig) -> list[L.Callback]:
-    # as configured (progress bar, LR monitor, curves, ...) minus checkpointing, which the plain
-    # arm has no counterpart for (and Lightning refuses with enable_checkpointing=False)
-    return [c for c in B.build_callbacks(fcfg) if not isinstance(c, ModelCheckpoint)]
-
-
 def lightning_round(fcfg: DictConfig, b: DictConfig, module: L.LightningModule, dm: L.LightningDataModule,
                     device: torch.device) -> RoundResult:
     timer = StepTimer(b.framework.warmup_steps, b.framework.steps, device)
@@ -125,40 +102,14 @@ def lightning_round(fcfg: DictConfig, b: DictConfig, module: L.LightningModule, 
     return timer.result
 
 
-def _cycle(loader: torch.utils.data.DataLoader) -> Iterator[Any]:
-    """Batches of ``loader`` across epoch ends (a new epoch starts as the loop would start it)."""
-    while True:
-        yield from loader
-
-
-def _to_device(batch: Any, device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
-    images, targets = batch
-    images = [i.to(device) for i in images]
-    targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
-    return images, targets
-
-
-def plain_optimizers(fcfg: DictConfig, net: Detector, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
-    """The optimizer and per-step LR schedule ``DetectionModule.configure_optimizers`` builds for
-    the same step budget; the namespace stands in for the Trainer fields it reads (no max_steps cap; batches
-    per epoch unknown, so the schedule spreads ``total_steps`` over ``max_epochs``)."""
-    holder = B.build_module(fcfg, net)
-    holder.trainer = SimpleNamespace(estimated_stepping_batches=total_steps, max_epochs=fcfg.trainer.max_epochs,
-                                     max_steps=-1, num_training_batches=float("inf"))
-    conf = holder.configure_optimizers()
-    return conf["optimizer"], conf["lr_scheduler"]["scheduler"]
-
-
 def plain_round(fcfg: DictConfig, b: DictConfig, net: Detector, dm: L.LightningDataModule,
                 device: torch.device) -> RoundResult:
     """torchvision's ``references/detection/engine.py::train_one_epoch``, less its metric printing."""
     start_round = time.perf_counter()
     warmup, steps = b.framework.warmup_steps, b.framework.steps
-    net.to(device).train()  # before the optimizer takes the parameters
-    optimizer, lr_scheduler = plain_optimizers(fcfg, net, warmup + steps)
-    dtype = AUTOCAST[str(fcfg.trainer.precision)]
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    batches = _cycle(dm.train_dataloader())
+    loader = seed_workers(dm.train_dataloader())
+    step = PlainStep(fcfg, net, device, warmup + steps, len(loader))
+    batches = cycle_batches(loader)
     res = RoundResult()
     start = start_cpu = math.nan
     with _progress(transient=True) as progress:
@@ -168,24 +119,9 @@ def plain_round(fcfg: DictConfig, b: DictConfig, net: Detector, dm: L.LightningD
                 sync(device)
                 start, start_cpu = time.perf_counter(), time.process_time()
             fetch = time.perf_counter()
-            images, targets = _to_device(next(batches), device)
+            images, targets = to_device(next(batches), device)
             fetched = time.perf_counter()
-            with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
-                loss_dict = net(images, targets)
-                losses = sum(loss for loss in loss_dict.values())
-            loss_value = losses.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"plain loop: non-finite loss {loss_value} at step {k}: "
-                                         f"{ {n: float(v) for n, v in loss_dict.items()} }")
-            optimizer.zero_grad()
-            if scaler is not None:
-                scaler.scale(losses).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                losses.backward()
-                optimizer.step()
-            lr_scheduler.step()
+            step(images, targets)
             if k >= warmup:
                 res.images += len(images)
                 res.wait_s += fetched - fetch
@@ -202,7 +138,7 @@ def plain_round(fcfg: DictConfig, b: DictConfig, net: Detector, dm: L.LightningD
 def loader_round(b: DictConfig, dm: L.LightningDataModule) -> RoundResult:
     """The training DataLoader alone: batches as fast as its workers produce them."""
     warmup, steps = b.framework.warmup_steps, b.framework.steps
-    batches = _cycle(dm.train_dataloader())
+    batches = cycle_batches(dm.train_dataloader())
     res = RoundResult()
     start_round = time.perf_counter()
     start = math.nan
@@ -251,7 +187,7 @@ def run_training(cfg: DictConfig, b: DictConfig, device: torch.device, arms: lis
     dm = B.build_datamodule(cfg.data, net.with_masks)
     dm.prepare_data()
     dm.setup("fit")
-    fcfg = training_config(cfg, b, device, len(dm.train_dataloader()))
+    fcfg = training_config(cfg, device, b.framework.warmup_steps + b.framework.steps, len(dm.train_dataloader()))
     module = B.build_module(fcfg, net)
     results: dict[str, list[RoundResult]] = {a: [] for a in arms}
     for r in range(b.framework.rounds):
