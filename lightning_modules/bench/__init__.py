@@ -1,8 +1,9 @@
 """pyramidlab-bench: parameters, latency, training throughput, data and evaluation speed, side by side.
 
 One process measures every section of ``bench.sections`` (config ``conf/bench.yaml``); one module
-per section (``necks``, ``training`` for framework + data, ``evaluation``, ``data_scale``), shared
-helpers in ``common``, the one Markdown renderer and the targets in ``report``, the entry point in
+per section (``necks``, ``training`` for framework + data, ``evaluation``, ``data_scale``,
+``convergence``), shared helpers in ``common``, the one Markdown renderer and the targets in
+``report``, the entry point in
 ``app``:
 
 - ``necks``: for each ``bench.detectors`` × ``bench.necks`` model (composed from the same config
@@ -19,6 +20,10 @@ helpers in ``common``, the one Markdown renderer and the targets in ``report``, 
   case (5,000 images x 100 detections, bbox and segm).
 - ``data_scale`` (not in the default sections): the COCO loader on a generated annotation file of
   COCO train2017's size: parse + index time, peak memory, the DataLoader workers' memory growth.
+- ``convergence`` (not in the default sections: two full trainings): the model ``make train`` trains,
+  trained by the framework and by the plain loop from the same weights on the same batches with the
+  same optimizer, schedule and clipping for the same steps; both last weights' bbox AP (AP50, APs/m/l)
+  on the test split by the same evaluator, their difference, wall time and images/s of each arm.
 
 Every comparison warms up first and interleaves its candidates (each repeat / round runs all of
 them once), so drift (other jobs on the machine, clocks, caches) hits every candidate alike;

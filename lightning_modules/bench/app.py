@@ -18,6 +18,7 @@ from detection.evaluation import write_json_atomic
 from lightning_modules.bench import data_scale as bench_data_scale
 from lightning_modules.bench import evaluation as bench_eval
 from lightning_modules.bench.common import _progress, bench_options, console, resolve_device
+from lightning_modules.bench.convergence import run_convergence
 from lightning_modules.bench.necks import run_necks
 from lightning_modules.bench.report import (
     check_targets,
@@ -53,7 +54,7 @@ def _bench(cfg: DictConfig, b: DictConfig) -> dict[str, Any]:
         "device": device_info(device),
         "config": OmegaConf.to_container(b),
         "necks": None, "gpu": None, "memory": None, "framework": None, "data": None, "eval": None,
-        "data_scale": None,
+        "data_scale": None, "convergence": None,
     }
     console.print(f"[bold]{escape(results['command'])}[/]  ->  {escape(str(out_dir))}")  # [a,b]: not markup
     seconds: dict[str, float] = {}
@@ -83,6 +84,10 @@ def _bench(cfg: DictConfig, b: DictConfig) -> dict[str, Any]:
         with _progress() as progress:
             results["data_scale"] = bench_data_scale.run_data_scale(b.data_scale, b.seed, progress)
         seconds["data_scale"] = round(time.perf_counter() - start, 1)
+    if "convergence" in b.sections:
+        start = time.perf_counter()
+        results["convergence"] = run_convergence(cfg, b, device)
+        seconds["convergence"] = round(time.perf_counter() - start, 1)
     results["seconds"] = seconds
     if hasattr(os, "getloadavg"):
         results["device"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]

@@ -1,5 +1,5 @@
 """Shared by the bench sections: section names, config checks, devices, progress bars, timing stats,
-and the training plumbing of the sections that train (``framework``/``data``): the
+and the training plumbing of the sections that train (``framework``/``data`` and ``convergence``): the
 Lightning arm's config and callbacks, the plain arm's batches, optimizer and step."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from lightning_modules.paths import CONF_DIR
 
 console = B.console
 
-SECTIONS = ("necks", "framework", "data", "eval", "data_scale")
+SECTIONS = ("necks", "framework", "data", "eval", "data_scale", "convergence")
 # Trainer precision -> autocast dtype of the plain loop and of the GPU latency rows.
 AUTOCAST = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 GPU_VARIANTS = ("bf16-mixed", "16-mixed", "channels_last")
@@ -107,6 +107,15 @@ def bench_options(cfg: DictConfig) -> DictConfig:
     _positive_int("bench.eval.repeats", b.eval.repeats)
     if not 0 <= float(b.eval.jitter) < 1:
         raise ValueError(f"bench.eval.jitter={b.eval.jitter} must be in [0, 1)")
+    c = b.convergence
+    if not OmegaConf.is_list(c.seeds) or not len(c.seeds) or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in c.seeds) or len(set(c.seeds)) != len(c.seeds):
+        raise ValueError(f"bench.convergence.seeds={c.seeds} must be a non-empty list of distinct integers, e.g. [0,1,2]")
+    if c.max_steps is not None:
+        # >= 2: the clock runs from the end of the first step (worker start-up) to the end of the last
+        _positive_int("bench.convergence.max_steps", c.max_steps, 2)
+    if c.eval_images is not None:
+        _positive_int("bench.convergence.eval_images", c.eval_images)
     return b
 
 

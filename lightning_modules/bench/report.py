@@ -169,6 +169,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         out += render_eval(e)
     if results.get("data_scale"):
         out += render_data_scale(results["data_scale"])
+    if results.get("convergence"):
+        out += render_convergence(results["convergence"])
     if results.get("targets"):
         out += ["", "## Targets (issue 6)", ""]
         out += _md_table(
@@ -239,6 +241,46 @@ def render_data_scale(d: dict[str, Any]) -> list[str]:
     out += ["", "serialized: records in one NumPy buffer (detection/data/serialize.py) and inherited objects "
             "frozen in the workers; dict: the same loader with a Python dict of per-image dicts (before). "
             "Growth: summed over the workers, from after the warm-up batches to the end."]
+    return out
+
+
+CONVERGENCE_METRICS = (("ap", "AP"), ("ap50", "AP50"), ("ap75", "AP75"), ("aps", "APs"), ("apm", "APm"),
+                       ("apl", "APl"))
+
+
+def _pct(mean: float | None, std: float | None) -> str:
+    """A 0-1 metric in %, ``± std`` over seeds when there are several; – where it is undefined."""
+    if mean is None:
+        return "–"
+    return f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
+
+
+def render_convergence(c: dict[str, Any]) -> list[str]:
+    """bench.md lines of the convergence section."""
+    epochs = c["steps"] / c["batches_per_epoch"]
+    out = ["", f"## Convergence: Lightning vs a plain loop, {c['steps']} steps ({epochs:.2f} epochs of "
+           f"{c['batches_per_epoch']} batches of {c['batch_size']}; steps from {c['steps_from']}), seeds {c['seeds']}, "
+           f"last weights on {c['eval_split']} ({c['eval_images']} images)", ""]
+    rows = []
+    for arm, name in (("lightning", "Lightning"), ("plain", "plain loop")):
+        rows.append([name, *(_pct(c[f"{k}_{arm}"], c[f"{k}_{arm}_std"]) for k, _ in CONVERGENCE_METRICS),
+                     f"{c[f'{arm}_s']:.1f}", f"{c[f'{arm}_img_s']:.2f}", f"{c[f'{arm}_total_s']:.1f}",
+                     f"{c[f'final_loss_{arm}']:.4f}"])
+    rows.append(["Lightning − plain", *(_pct(c[f"{k}_diff"], c[f"{k}_diff_std"]) for k, _ in CONVERGENCE_METRICS),
+                 f"{c['lightning_s'] - c['plain_s']:+.1f}", "", f"{c['lightning_total_s'] - c['plain_total_s']:+.1f}", ""])
+    out += _md_table(["arm", *(f"bbox {n} %" for _, n in CONVERGENCE_METRICS), "steps s", "images/s", "arm s",
+                      "final loss"], rows)
+    yes = {True: "yes", False: "**no**"}
+    out += ["", f"Both arms: the same initial weights ({yes[c['same_init_weights']]}), the same first batch "
+            f"({yes[c['same_first_batch']]}), first-step loss |Δ| {c['first_loss_abs_diff']:.1e}, losses equal to 1e-5 "
+            f"for the first {c['loss_agree_steps']} of {c['steps']} steps; optimizer "
+            f"{c['optimizer'].get('_target_')} lr {c['optimizer'].get('lr')}, schedule {c['scheduler']}, gradient "
+            f"clipping {c['gradient_clip_val']} ({c['gradient_clip_algorithm']}), precision {c['precision']}. "
+            "Lightning: DetectionModule under the Trainer as pyramidlab-train builds them (no validation, no "
+            "checkpoints); plain: torchvision's reference loop. ± std over seeds; the difference is paired per seed. "
+            "Final loss: mean of the last tenth of the steps. Steps s and images/s: from the end of the first step to the "
+            "end of the last (fetches included); arm s: the whole training call (set-up, worker start-up, steps; "
+            "Lightning's also its teardown)."]
     return out
 
 
