@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -245,6 +245,10 @@ class SweepReport(Callback):
         wandb: log the table and plot to W&B when the jobs logged there.
         resume: finish an existing sweep folder instead of rerunning every job (grid sweeps).
         dry_run: print what each job would do (skip / resume / start) and exit without running.
+        baseline: the baseline rows, ``key=value`` selections of swept values (several in one
+            string separated by spaces; a list for several baselines, e.g. one per detector):
+            report.md's mean table then gives each row's difference to its baseline with a
+            95 % CI (``report.select_baselines``). None: no differences.
     """
 
     def __init__(
@@ -254,12 +258,15 @@ class SweepReport(Callback):
         wandb: bool = True,
         resume: bool = True,
         dry_run: bool = False,
+        baseline: str | Sequence[str] | None = None,
     ) -> None:
         self.enabled = enabled
         self.fail_on_failed_jobs = fail_on_failed_jobs
         self.wandb = wandb
         self.resume = resume
         self.dry_run = dry_run
+        # a list arrives as a ListConfig
+        self.baseline = baseline if baseline is None or isinstance(baseline, str) else [str(b) for b in baseline]
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from omegaconf import read_write
@@ -314,7 +321,7 @@ class SweepReport(Callback):
             log.warning(f"sweep folder {sweep_dir} does not exist: no report")
             return
         try:
-            result = write_sweep_report(sweep_dir, wandb=self.wandb)
+            result = write_sweep_report(sweep_dir, wandb=self.wandb, baseline=self.baseline)
         except FileNotFoundError as e:  # no job folder (e.g. an app with hydra.output_subdir=null)
             log.warning(f"no report: {e}")
             return
