@@ -508,7 +508,8 @@ def srfgan(cfg: DictConfig) -> dict[str, Any]:
 
     notes = [f"{v}: stages {list(r['needs'])}, folder `{r['folder']}`{origin(r['entry'])}" for v, r in results.items()]
     files = write_report(rows, run_dir, title=str(cfg.get("report_title") or "SRF-GAN"),
-                         columns=["variant", "description"], notes=notes)
+                         columns=["variant", "description"], notes=notes,
+                         baseline=cfg.get("report_baseline"), baseline_key="report_baseline")
     write_json_atomic(run_dir / "metrics.json", headline_metrics(cfg, rows))
     B.console.print(f"report: {files.md} (+ {files.csv.name}, {files.png.name if files.png else 'no plot'})")
     return {r["variant"]: r.get("bbox/AP") for r in rows}
