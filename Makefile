@@ -8,7 +8,9 @@ ARGS ?=
 # OpenMP threads that spin while waiting made training steps 10-30x slower on this shared 2-core
 # machine (measured by the bench); passive waits avoid it. Override with OMP_WAIT_POLICY=ACTIVE.
 export OMP_WAIT_POLICY ?= PASSIVE
-PYTEST_ARGS ?=
+# two test processes: much of the suite is command-line runs whose start-up (imports) is single-threaded;
+# one file per process (--dist loadfile) keeps each file's module fixtures to one process. PYTEST_ARGS= runs serially.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 SMSL_SEEDS ?= 1,2
 
 .PHONY: install train smsl srfgan bench test lint clean distclean
@@ -23,7 +25,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 train: install
-	$(BIN)/pyramidlab-train experiment=shapes_retinanet $(ARGS)
+	$(BIN)/pyramidlab-train experiment=shapes_fcos $(ARGS)
 
 # SMSL Table 1 (LF; LF+CR; LF+GF; LF+GF+CR) x 2 seeds on the embedded data, CPU (recipe=shapes_cpu);
 # the sweep writes report.md/csv/png into runs/smsl_table1/multirun_<date>/

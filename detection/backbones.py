@@ -219,6 +219,9 @@ def load_timm_weights(net: nn.Module, path: str | Path) -> None:
 
 
 def _read_state_dict(path: str | Path) -> tuple[Path, dict]:
+    if str(path) == "embedded":
+        raise FileNotFoundError("backbone.weights_path=embedded was not resolved to a file: the training commands "
+                                "replace it by the cached pretrained body (lightning_modules/pretrain.py)")
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"backbone.weights_path: no such file: {path} (expected a local .pth state dict)")

@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, str]], list[str]]] = {
         "COCO metrics. A run writes runs/train/<date>_<time>/: the config, checkpoints, metrics.json, COCO "
         "detections, curves.png, val_images/. With -m every comma-separated value is a job and the sweep "
         "ends with report.md; the same -m command with the same hydra.sweep.dir finishes a crashed sweep.",
-        [("experiment=shapes_retinanet", "the CPU recipe on the embedded data (make train); smsl/table1, ..."),
+        [("experiment=shapes_fcos", "the CPU recipe on the embedded data (make train); shapes_retinanet, smsl/table1, ..."),
          ("neck=smsl_fpn detector=mask_rcnn", "swap a part: detector=, backbone=, neck="),
          ("data=coco data.root=/path/to/coco", "train on COCO (recipe=paper for the papers' schedule)"),
          ("trainer=gpu | trainer=ddp trainer.devices=8", "where it runs"),
@@ -100,6 +100,17 @@ COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, str]], list[str]]] = {
          ("'bench.size=[800,1333]'", "input size"), ("bench.repeats=5", "repeats per measurement"),
          ("'bench.sections=[framework,data,eval]'", "which sections")],
         [*MODEL, "data", "trainer"],
+    ),
+    "pretrain": (
+        "lightning_modules.pretrain", "pretrain",
+        "Pretrain the backbone on crops of the training split's objects and background (the embedded data's "
+        "stand-in for ImageNet); cached in <data.root>/pretrain/ and used by backbone.weights_path=embedded.",
+        [("experiment=shapes_fcos", "the recipe whose backbone and data it pretrains for (default)"),
+         ("pretrain.steps=300", "longer pretraining (a new cache entry)"),
+         ("pretrain.force=true", "pretrain again even if cached"),
+         ("backbone=resnet50", "another backbone"),
+         ("data.root=DIR", "another COCO-format dataset (its train split only)")],
+        ["experiment", "data", "backbone", "recipe"],
     ),
 }
 
@@ -198,3 +209,7 @@ def summary() -> None:
 
 def bench() -> None:
     run("bench")
+
+
+def pretrain() -> None:
+    run("pretrain")

@@ -136,6 +136,10 @@ def prepare_config(cfg: DictConfig) -> DictConfig:
                 data.root = str(root.absolute())
         resolve_num_classes(data)  # before the type checks: detector.num_classes follows it
     check_types(cfg)
+    # backbone.weights_path=embedded: the cached crop-pretrained body (pretraining first if missing)
+    from lightning_modules.pretrain import resolve_backbone_weights
+
+    resolve_backbone_weights(cfg)
     return cfg
 
 

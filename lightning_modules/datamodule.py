@@ -339,7 +339,7 @@ class DetectionDataModule(L.LightningDataModule):
         if self.name == "shapes":
             ensure_shapes(self.root, **(self.generate or {}))
 
-    def _split_paths(self, role: str) -> dict[str, Path | None]:
+    def split_paths(self, role: str) -> dict[str, Path | None]:
         """``ann_file`` / ``img_dir`` of a split role from the per-role config (None: COCO layout)."""
         return {
             key: None if table.get(role) is None else Path(self.root) / Path(str(table[role])).expanduser()
@@ -350,7 +350,7 @@ class DetectionDataModule(L.LightningDataModule):
         ds = CocoDetection(
             self.root,
             split,
-            **self._split_paths(role),
+            **self.split_paths(role),
             transforms=build_transforms(
                 train, self.min_size, self.max_size, flip_prob=self.flip_prob, scale_jitter=self.scale_jitter
             ),
@@ -380,7 +380,7 @@ class DetectionDataModule(L.LightningDataModule):
         if stage in ("fit", "validate", None) and self.val_dataset is None:
             self.val_dataset = self._dataset(self.val_split, False, self.max_val_images, "val")
         if stage in ("test", "predict", None) and self.test_dataset is None:
-            same = self.test_split == self.val_split and self._split_paths("test") == self._split_paths("val")
+            same = self.test_split == self.val_split and self.split_paths("test") == self.split_paths("val")
             if same and self.val_dataset is not None:
                 self.test_dataset = self.val_dataset
             else:

@@ -17,7 +17,7 @@ from lightning_modules.paths import CONF_DIR
 def summarize(cfg: DictConfig) -> dict:
     if cfg.get("data") is not None:
         resolve_num_classes(cfg.data)  # data.num_classes: null -> the annotation file's (or COCO's 80)
-    net = build_net(cfg)
+    net = build_net(cfg, backbone_weights=False)  # counts need no weights (nor the embedded pretraining)
     s = parameter_summary(net)
     # The papers count trainable parameters (frozen stem + layer1): give M with 2 decimals too.
     s["params_trainable_M"] = round(s["params_trainable"] / 1e6, 2)

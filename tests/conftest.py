@@ -23,7 +23,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 _DATA = Path(tempfile.mkdtemp(prefix="pyramidlab-test-data-"))
 os.environ["PYRAMIDLAB_DATA"] = str(_DATA)
 atexit.register(shutil.rmtree, _DATA, True)
-torch.set_num_threads(2)
+# two xdist workers share the 2 cores: one intra-op thread each (command-line runs keep their default)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
