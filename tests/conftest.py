@@ -23,8 +23,13 @@ os.environ.setdefault("WANDB_SILENT", "true")
 _DATA = Path(tempfile.mkdtemp(prefix="pyramidlab-test-data-"))
 os.environ["PYRAMIDLAB_DATA"] = str(_DATA)
 atexit.register(shutil.rmtree, _DATA, True)
-# two xdist workers share the 2 cores: one intra-op thread each (command-line runs keep their default)
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+# the same thread count as the command-line runs the tests compare in-process runs with (bit-identical
+# resume tests): float sums depend on it, even with two xdist workers sharing the 2 cores
+torch.set_num_threads(2)
+# Rich wraps console lines at 80 columns when stdout is no terminal; tmp paths under xdist
+# (.../popen-gw0/...) are long enough to wrap the lines tests read: a wide console, here and in
+# the command-line runs that inherit it
+os.environ["COLUMNS"] = "400"
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
