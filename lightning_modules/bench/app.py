@@ -35,6 +35,10 @@ from lightning_modules.paths import CONF_DIR
 def bench(cfg: DictConfig) -> dict[str, Any]:
     """Run the sections of ``cfg.bench``; write bench.json and bench.md into ``cfg.paths.output_dir``."""
     b = bench_options(cfg)
+    # backbone.weights_path=embedded (experiment=shapes_fcos, make train's model): the cached pretrained file
+    from lightning_modules.pretrain import resolve_backbone_weights
+
+    resolve_backbone_weights(cfg)
     threads = torch.get_num_threads()
     if b.threads is not None:
         torch.set_num_threads(b.threads)
