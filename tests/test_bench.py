@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,8 @@ def tiny_bench(tmp_path_factory, shapes_root):
     cfg = compose_cfg("bench", TINY_BENCH, tmp, shapes_root)
     threads = torch.get_num_threads()
     results = bench(cfg)
-    return tmp / "out", results, threads
+    yield tmp / "out", results, threads
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_tiny_bench_writes_every_key(tiny_bench):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -40,7 +41,8 @@ TINY_CONVERGENCE = [
 def tiny_convergence(tmp_path_factory, shapes_root):
     tmp = tmp_path_factory.mktemp("convergence")
     results = bench(compose_cfg("bench", TINY_CONVERGENCE, tmp, shapes_root))
-    return tmp / "out", results
+    yield tmp / "out", results
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_section_writes_both_arms_aps_times_and_table(tiny_convergence):

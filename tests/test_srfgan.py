@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -445,7 +446,8 @@ def stages(tmp_path_factory, shapes_root):
     trainer.fit(module, datamodule=dm)
     stage1 = tmp / "s1" / "stage1.ckpt"
     trainer.save_checkpoint(stage1)
-    return {"tmp": tmp, "root": shapes_root, "stage0": stage0, "stage1": stage1, "module1": module}
+    yield {"tmp": tmp, "root": shapes_root, "stage0": stage0, "stage1": stage1, "module1": module}
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_stage1_from_config_logs_and_writes_the_figure(stages):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,8 @@ def pipeline_run(tmp_path_factory, shapes_root):
     run_dir = tmp / "run"
     proc = run([f"hydra.run.dir={run_dir}", f"data.root={shapes_root}", f"backbone.weights_path={tmp / 'r18.pth'}",
                 "backbone.frozen_stages=1", *TINY], tmp)
-    return run_dir, proc, shapes_root, tmp
+    yield run_dir, proc, shapes_root, tmp
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_every_stage_starts_from_the_backbone_weights_file(pipeline_run):

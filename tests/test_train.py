@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,8 @@ def coco_run(tmp_path_factory):
     ]
     cfg = compose_cfg("train", over, tmp, root)
     metrics = train(cfg)
-    return tmp, root, cfg, metrics
+    yield tmp, root, cfg, metrics
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_train_then_eval_on_edge_case_coco(coco_run):

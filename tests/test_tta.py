@@ -127,7 +127,8 @@ def mask_run(tmp_path_factory, shapes_root):
     ]
     cfg = compose_cfg("train", over, tmp, shapes_root)
     metrics = train(cfg)
-    return tmp, metrics
+    yield tmp, metrics
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_one_scale_without_flip_is_plain_evaluation_exactly(mask_run):
