@@ -44,7 +44,14 @@ def _check_body_args(return_layers: list[int], frozen_stages: int, norm: str) ->
 
 
 class _FrozenStages(nn.Module):
-    """``train()`` that keeps frozen stages (``_frozen_modules``) and, with ``norm_eval``, every BN in eval."""
+    """``train()`` that keeps frozen stages (``_frozen_modules``) and, with ``norm_eval``, every BN in eval.
+
+    A body calls ``self.train()`` at the end of its constructor: Lightning (>= 2.2) never calls
+    ``train()`` on the model at the start of fit, it keeps each module's own ``training`` flag (and
+    restores those flags after validation). Without it, a freshly built body under the Trainer ran
+    its frozen and ``norm_eval`` BatchNorms in training mode (batch statistics, running statistics
+    updated), unlike a plain loop that calls ``net.train()``.
+    """
 
     _frozen_modules: list[nn.Module]
     norm_eval: bool
@@ -116,6 +123,7 @@ class ResNetBody(_FrozenStages):
         self.strides = [2 ** (i + 1) for i in return_layers]
         self.norm_eval = norm_eval
         self.arch = arch
+        self.train()  # frozen stages and norm_eval BNs in eval mode from the start: see _FrozenStages
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         """``x``: (B, 3, H, W) normalised images -> C-levels, finest first."""
@@ -193,6 +201,7 @@ class TimmBody(_FrozenStages):
         self.strides = [2 ** (i + 1) for i in return_layers]
         self.norm_eval = norm_eval
         self.arch = model_name
+        self.train()  # frozen stages and norm_eval BNs in eval mode from the start: see _FrozenStages
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         feats = self.body(x)

@@ -211,3 +211,28 @@ def test_curves_follow_the_logged_validation(tmp_path, shapes_root, monkeypatch)
     plotted = [(step, round(v, 5)) for step, v in plot.ap["bbox/AP"]]
     assert len(plotted) == 2 and [v for _, v in plotted] == [v for _, v in logged]
     assert plot.losses["loss"] and (tmp_path / "out" / "curves.png").is_file()
+
+
+def test_frozen_stages_and_norm_eval_hold_under_the_trainer(tmp_path, shapes_root):
+    """Lightning never calls ``train()`` on the model at fit start (it keeps and restores each module's
+    flag around validation): the frozen stem + layer1 BNs must already be in eval mode when the first
+    training step runs, after the sanity validation, and with norm_eval every BN of the body."""
+    import lightning as L
+
+    seen: dict[str, list[bool]] = {}
+
+    class Modes(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen[key] = [m.training for m in pl_module.net.backbone.body.modules()
+                         if isinstance(m, torch.nn.BatchNorm2d)]
+
+    for key, norm_eval in (("frozen", "false"), ("norm_eval", "true")):
+        cfg = compose_cfg("train", TINY + ["backbone.frozen_stages=1", f"backbone.norm_eval={norm_eval}",
+                                           "+trainer.max_steps=1", "trainer.limit_val_batches=1",
+                                           "trainer.num_sanity_val_steps=1"], tmp_path / key, shapes_root)
+        net = B.build_net(cfg)
+        trainer = B.build_trainer(cfg, [Modes()], [])
+        trainer.fit(B.build_module(cfg, net), datamodule=B.build_datamodule(cfg.data, net.with_masks))
+    # ResNet-18: stem bn1 + 2 blocks x 2 BNs in layer1 = 5 frozen BNs, then 3 stages x (4 + 1 downsample)
+    assert seen["frozen"] == [False] * 5 + [True] * 15
+    assert seen["norm_eval"] == [False] * 20
