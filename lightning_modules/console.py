@@ -29,6 +29,8 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=category, module=OWN_MODULES)
     # the loaders of the embedded data run in the main process on purpose in tests and debug configs
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    # frozen stages and norm_eval BatchNorms are in eval mode at fit start by design (detection/backbones.py)
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropNoise) for f in logger.filters):
