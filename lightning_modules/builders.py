@@ -22,7 +22,8 @@ from lightning_modules import hydra_callbacks as H
 from lightning_modules.callbacks import RestoreTrainLoaderState
 from lightning_modules.checkpoints import build_net, load_checkpoint, load_net_state  # noqa: F401 - re-exported
 from lightning_modules.console import echo_to_log, show_config
-from lightning_modules.detection_module import DetectionModule, tta_settings
+from lightning_modules.detection_eval import tta_settings
+from lightning_modules.detection_module import DetectionModule
 from lightning_modules.optim import build_optimizer
 
 log = logging.getLogger("pyramidlab")
@@ -177,24 +178,26 @@ def finish_loggers(loggers: list[Logger], exit_code: int = 0) -> None:
                 wandb.finish(exit_code=exit_code)
 
 
-def write_outputs(output_dir: str | Path, module: DetectionModule, extra: dict[str, Any]) -> dict[str, Path]:
-    """metrics.json + detections_{bbox,segm}.json in COCO results format, atomically."""
+def write_outputs(output_dir: str | Path, module: L.LightningModule, extra: dict[str, Any]) -> dict[str, Path]:
+    """metrics.json + detections_{bbox,segm}.json in COCO results format, atomically, from the test
+    epoch of ``module.evaluation`` (a DetectionModule's or the SRF extractor's)."""
+    ev = module.evaluation
     out = Path(output_dir)
     paths = {"metrics": out / "metrics.json", "detections_bbox": out / "detections_bbox.json"}
-    metrics = {k: float(v) for k, v in module.test_metrics.items()}
+    metrics = {k: float(v) for k, v in ev.test_metrics.items()}
     # median forward time per image over test batches (batch = data.val_batch_size; the
     # papers' "Time" is batch-1 latency on a GPU: see the benchmark for that figure)
-    timing = {"time_ms": round(module.test_time_ms, 2), "time_batch_size": module.test_batch_size}
+    timing = {"time_ms": round(ev.test_time_ms, 2), "time_batch_size": ev.test_batch_size}
     write_json_atomic(paths["metrics"], {"status": "completed", **metrics, **timing, **extra})
-    write_json_atomic(paths["detections_bbox"], module.test_results["bbox"])
-    if module.net.with_masks:
+    write_json_atomic(paths["detections_bbox"], ev.test_results["bbox"])
+    if ev.with_masks:
         paths["detections_segm"] = out / "detections_segm.json"
-        write_json_atomic(paths["detections_segm"], module.test_results["segm"])
+        write_json_atomic(paths["detections_segm"], ev.test_results["segm"])
     return paths
 
 
-def report(module: DetectionModule, paths: dict[str, Path], ckpt: str | None) -> None:
-    table = metrics_table(module.test_metrics)
+def report(module: L.LightningModule, paths: dict[str, Path], ckpt: str | None) -> None:
+    table = metrics_table(module.evaluation.test_metrics)
     console.print(table)
     echo_to_log(table)
     if ckpt:

@@ -113,7 +113,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         )
     module = B.build_module(OmegaConf.merge(model_cfg, {"data": data_cfg}), net)  # checks eval.tta first
     datamodule = B.build_datamodule(tta_loader_data(data_cfg, cfg.eval.get("tta")), net.with_masks)
-    module.category_ids = ckpt.get("category_ids")
+    module.evaluation.category_ids = ckpt.get("category_ids")
     loggers = B.build_loggers(cfg, job_type="eval")
     exit_code = 1
     try:
@@ -127,12 +127,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             if info := B.wandb_info(loggers):
                 extra["wandb"] = info
             split = data_cfg.get("test_split") or data_cfg.val_split
-            if not module.test_annotated:
-                server = server_files(cfg.paths.output_dir, module.test_results, split, name)
+            if not module.evaluation.test_annotated:
+                server = server_files(cfg.paths.output_dir, module.evaluation.test_results, split, name)
                 extra["metrics"] = f"none: the {split} annotation file lists images only"
                 extra["server_files"] = {k: str(v) for k, v in server.items()}
             paths = B.write_outputs(cfg.paths.output_dir, module, extra)
-            if module.test_annotated:
+            if module.evaluation.test_annotated:
                 B.report(module, paths, str(cfg.ckpt_path))
             else:
                 B.console.print(
@@ -142,7 +142,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 for key, p in {**paths, **server}.items():
                     B.console.print(f"{key + ':':<18}{p}")
         exit_code = 0
-        return dict(module.test_metrics)
+        return dict(module.evaluation.test_metrics)
     finally:
         B.finish_loggers(loggers, exit_code=exit_code)
 

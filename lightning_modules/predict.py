@@ -128,7 +128,7 @@ def predict_image(net, image, min_size: int | list[int], max_size: int, device: 
     from torchvision import tv_tensors
 
     from detection.data.coco import build_transforms
-    from lightning_modules.detection_module import to_original_coords
+    from detection.tta import to_original_coords
 
     h0, w0 = image.shape[-2:]
     x, _ = build_transforms(False, min_size, max_size)(tv_tensors.Image(image), {})

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from detection.detectors import Detector
 from lightning_modules.compat import ddp_finds_unused_parameters
-from lightning_modules.detection_module import DetectionModule
+from lightning_modules.detection_eval import DetectionEvaluation
 from lightning_modules.optim import build_scheduler, check_finite, check_scheduler, iteration_budget
 from srfgan import (
     ADV_WEIGHT,
@@ -327,7 +327,7 @@ class SRFGANModule(AdversarialSteps, L.LightningModule):
 
 
 # --------------------------------------------------------------------------------------- stage 2
-class SRFExtractorModule(AdversarialSteps, DetectionModule):
+class SRFExtractorModule(AdversarialSteps, L.LightningModule):
     """Stage 2: the multi-scale SRF extractor M (a detector with an SRF neck) against D (Sec. 4.2).
 
     Each batch: I^lr = ↓s(I^tr) per image, boxes / masks scaled to match; M's forward on I^lr gives
@@ -355,8 +355,10 @@ class SRFExtractorModule(AdversarialSteps, DetectionModule):
         gradient_clip: max grad-norm for both optimizers.
         source: the F checkpoint's path, named by compatibility errors.
 
-    Logs the DetectionModule metrics (``val/bbox/AP`` ... on ↓s val images) plus ``train/{loss, l1,
-    adv, srf, d_loss, d_acc_real, d_acc_fake}``, the detection terms, and ``val/l1``.
+    Logs the detection metrics (``val/bbox/AP`` ... on ↓s val images) plus ``train/{loss, l1,
+    adv, srf, d_loss, d_acc_real, d_acc_fake}``, the detection terms, and ``val/l1``. Evaluation is
+    ``self.evaluation``, the :class:`~lightning_modules.detection_eval.DetectionEvaluation` a
+    :class:`~lightning_modules.detection_module.DetectionModule` holds too.
     """
 
     stage = STAGE2
@@ -380,7 +382,12 @@ class SRFExtractorModule(AdversarialSteps, DetectionModule):
         gradient_clip: float | None = None,
         source: str = "target network",
     ) -> None:
-        super().__init__(net, optimizer, dict(scheduler or {}), eval_backend, category_ids)
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_cfg = check_scheduler(scheduler)
+        self.evaluation = DetectionEvaluation(net.with_masks, net.num_classes, eval_backend, category_ids)
+        self.run_config: dict | None = None  # resolved config, stored in checkpoints
         self.automatic_optimization = False
         if level_matching not in LEVEL_MATCHING:
             raise ValueError(f"srf.level_matching={level_matching!r} is not known; choose one of {list(LEVEL_MATCHING)}")
@@ -417,6 +424,10 @@ class SRFExtractorModule(AdversarialSteps, DetectionModule):
         self.gradient_clip = gradient_clip
         self.source = source
         self.strides = strides
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)  # AdversarialSteps: the DDP check
+        self.evaluation.setup(getattr(self.trainer, "datamodule", None))
 
     @property
     def generator(self) -> BaseGenerator:
@@ -469,14 +480,23 @@ class SRFExtractorModule(AdversarialSteps, DetectionModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         lr_batch = self.degrade_batch(batch)
-        _, pyramid = self._forward_captured(lambda: DetectionModule.validation_step(self, lr_batch, batch_idx))
+        _, pyramid = self._forward_captured(lambda: self.evaluation.validation_step(self.net, lr_batch))
         sr, tr = self.srf_pairs(batch[0], lr_batch[0], pyramid)
         self.log("val/l1", l1_loss(sr, tr), batch_size=len(batch[0]), sync_dist=True)
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        super().test_step(self.degrade_batch(batch) if self.test_degraded else batch, batch_idx)
+    def on_validation_epoch_end(self) -> None:
+        self.evaluation.on_validation_epoch_end(self)
 
-    def configure_optimizers(self) -> tuple[list, list]:  # type: ignore[override]
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.evaluation.test_step(self.net, self.degrade_batch(batch) if self.test_degraded else batch)
+
+    def on_test_epoch_start(self) -> None:
+        self.evaluation.on_test_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        self.evaluation.on_test_epoch_end(self)
+
+    def configure_optimizers(self) -> tuple[list, list]:
         opt_d = self.optimizer_d_factory([p for p in self.discriminator.parameters() if p.requires_grad])
         opt_m = self.optimizer_factory([p for p in self.net.parameters() if p.requires_grad])
         budget = iteration_budget(self.trainer, STEPS_PER_ITERATION)
@@ -484,7 +504,9 @@ class SRFExtractorModule(AdversarialSteps, DetectionModule):
         return [opt_d, opt_m], schedulers
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)  # the run config and category ids, as every detector's
+        if self.run_config is not None:
+            checkpoint["pyramidlab_config"] = self.run_config
+        self.evaluation.on_save_checkpoint(checkpoint)  # the category ids, as every detector's
         checkpoint["srfgan"] = self.srfgan_meta(
             2, self.strides, level_matching=self.level_matching, pairs=[list(p) for p in self.pairs])
 

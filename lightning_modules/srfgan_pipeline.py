@@ -347,7 +347,7 @@ def run_stage(
     entry: dict[str, Any] = {"stage": name, **{k: v for k, v in result.extra.items() if k != "wandb"}}
     if test:
         entry["metrics"] = result.metrics
-        entry["time_ms"] = round(module.test_time_ms, 2)
+        entry["time_ms"] = round(module.evaluation.test_time_ms, 2)
     if result.trainer.is_global_zero:
         write_json_atomic(folder / "stage.json", entry)
     # every rank waits for rank 0's stage.json: the next stage reads this stage's checkpoint from it

@@ -105,7 +105,7 @@ def fit_and_test(
             trainer.test(module, datamodule=datamodule, ckpt_path=tested, weights_only=True, verbose=False)
             extra["test_seconds"] = round(time.perf_counter() - start, 1)
             extra.update(getattr(datamodule, "data_counts", dict)())  # now with the test split's
-            metrics = {k: float(v) for k, v in module.test_metrics.items()}
+            metrics = {k: float(v) for k, v in module.evaluation.test_metrics.items()}
             if trainer.is_global_zero:
                 paths = B.write_outputs(output_dir, module, extra)
                 B.report(module, paths, extra["checkpoint"])

@@ -25,6 +25,7 @@ from lightning_modules import builders as B
 from lightning_modules import srfgan_module as SM
 from lightning_modules.checkpoints import build_net as build_detector_from_config
 from lightning_modules.checkpoints import load_checkpoint
+from lightning_modules.detection_module import DetectionModule
 from lightning_modules.srfgan_figure import SRFFeatureFigure, write_figure
 from lightning_modules.srfgan_module import SRFExtractorModule, SRFGANModule, gan_optimizer_steps
 from lightning_modules.srfgan_pipeline import (
@@ -559,7 +560,7 @@ def test_stage3_reuse_generator_or_extractor_and_freeze(stages, stage2_mask_rcnn
     gen = generator_of(net)
     net.train()
     assert not gen.training and not any(p.requires_grad for p in gen.parameters())  # Table 4's FR
-    module = SM.DetectionModule(net, functools.partial(torch.optim.SGD, lr=0.01))
+    module = DetectionModule(net, functools.partial(torch.optim.SGD, lr=0.01))
     trainable = {id(p) for p in net.parameters() if p.requires_grad}
     assert not trainable & {id(p) for p in gen.parameters()} and module.net is net
 

@@ -13,7 +13,7 @@ import torch
 from detection.data.coco import build_transforms
 from detection.tta import TTAView, merge_views, resized_size, tta_views, unflip, view_image
 from lightning_modules import builders as B
-from lightning_modules.detection_module import merge_rank_results
+from lightning_modules.detection_eval import merge_rank_results
 from lightning_modules.evaluate import evaluate
 from lightning_modules.train import train
 from tests.conftest import TINY, compose_cfg, small_neck
@@ -112,8 +112,8 @@ def test_bad_tta_settings_name_their_key(tmp_path, shapes_root):
     cfg = compose_cfg("train", TINY + small_neck("fpn") + ["eval.tta.scales=[64,96]", "eval.tta.flip=true"],
                       tmp_path, shapes_root)
     module = B.build_module(cfg, net)
-    assert module.tta["max_size"] == 128 and len(module.tta_views) == 4  # data.max_size; 2 scales x 2
-    assert B.build_module(compose_cfg("train", TINY, tmp_path, shapes_root), module.net).tta is None  # off by default
+    assert module.evaluation.tta["max_size"] == 128 and len(module.evaluation.tta_views) == 4  # data.max_size; 2 scales x 2
+    assert B.build_module(compose_cfg("train", TINY, tmp_path, shapes_root), module.net).evaluation.tta is None  # off by default
 
 
 @pytest.fixture(scope="module")

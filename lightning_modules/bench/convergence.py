@@ -175,9 +175,9 @@ def evaluate(fcfg: DictConfig, net: Detector, dm: L.LightningDataModule) -> tupl
     trainer = B.build_trainer(fcfg, bars, [])
     start = time.perf_counter()
     trainer.test(module, datamodule=dm, verbose=False)
-    if not module.test_metrics:
+    if not module.evaluation.test_metrics:
         raise ValueError(f"data.test_split={dm.test_split}: no annotations to evaluate the convergence section on")
-    return {k: float(v) for k, v in module.test_metrics.items()}, time.perf_counter() - start
+    return {k: float(v) for k, v in module.evaluation.test_metrics.items()}, time.perf_counter() - start
 
 
 def schedule_steps(cfg: DictConfig, per_epoch: int, max_steps: int | None) -> int:
