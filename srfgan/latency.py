@@ -16,6 +16,10 @@ With 2 threads on cores that other jobs also use, every op's OpenMP barrier wait
 thread: forwards then take 2-6× longer and vary by as much, which swamps a few-percent difference.
 Measure on an idle machine (or compare with ``--threads 1``, which is immune to it).
 
+The timing loop is :func:`detection.latency.interleaved_times`, the harness pyramidlab-bench's
+``necks`` section uses for every detector × neck; this module adds what only this study needs:
+weight-shared variants, the upsampler timed alone, FLOPs.
+
 Example::
 
     python -m srfgan.latency --threads 2 --repeats 7 --flops
@@ -28,13 +32,13 @@ import argparse
 import functools
 import json
 import statistics
-import time
 
 import torch
 from torch import nn
 
 from detection.backbones import ResNetBody
 from detection.detectors import build_detector
+from detection.latency import interleaved_times, paired_ratio
 from detection.necks import FPN
 from srfgan.generator import LIGHT_GENERATOR, Generator
 from srfgan.neck import srf_neck
@@ -77,27 +81,16 @@ def measure(
     """Interleaved timing; returns per-variant times (ms), medians and median paired ratios to ``fpn``."""
     image = [torch.rand(3, *size, generator=torch.Generator().manual_seed(0))]
     names = list(models)
-    for _ in range(warmup):
-        for n in names:
-            models[n](image)
-    wall: dict[str, list[float]] = {n: [] for n in names}
-    cpu: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for n in order:
-            start, start_cpu = time.perf_counter(), time.process_time()
-            models[n](image)
-            cpu[n].append(1000 * (time.process_time() - start_cpu))
-            wall[n].append(1000 * (time.perf_counter() - start))
+    timed = interleaved_times({n: functools.partial(m, image) for n, m in models.items()}, repeats, warmup,
+                              rotate=True)
+    wall, cpu = timed.wall_ms, timed.cpu_ms
     out: dict = {"size": list(size), "repeats": repeats, "threads": torch.get_num_threads(),
                  "times_ms": {"wall": wall, "cpu": cpu}}
     for kind, times in (("wall", wall), ("cpu", cpu)):
         med = {n: statistics.median(t) for n, t in times.items()}
         out[f"{kind}_median_ms"] = {n: round(v, 1) for n, v in med.items()}
         out[f"{kind}_ratio_of_medians"] = {n: round(med[n] / med["fpn"], 4) for n in names}
-        out[f"{kind}_ratio_paired_median"] = {
-            n: round(statistics.median(a / b for a, b in zip(times[n], times["fpn"])), 4) for n in names
-        }
+        out[f"{kind}_ratio_paired_median"] = {n: round(paired_ratio(times[n], times["fpn"]), 4) for n in names}
     out["wall_min_ms"] = {n: round(min(t), 1) for n, t in wall.items()}
     out["wall_ratio_of_minima"] = {n: round(min(wall[n]) / min(wall["fpn"]), 4) for n in names}
     return out
@@ -120,19 +113,14 @@ def measure_upsamplers(models: dict[str, nn.Module], size: tuple[int, int] = (80
         m(image)
         handle.remove()
         calls[name] = seen
-    wall: dict[str, list[float]] = {n: [] for n in models}
-    cpu: dict[str, list[float]] = {n: [] for n in models}
-    for name, m in models.items():  # warm-up
+
+    def upsample_all(name: str) -> None:
+        up = models[name].backbone.neck.upsample
         for x, s in calls[name]:
-            m.backbone.neck.upsample(x, s)
-    for _ in range(repeats):
-        for name, m in models.items():
-            up = m.backbone.neck.upsample
-            start, start_cpu = time.perf_counter(), time.process_time()
-            for x, s in calls[name]:
-                up(x, s)
-            cpu[name].append(1000 * (time.process_time() - start_cpu))
-            wall[name].append(1000 * (time.perf_counter() - start))
+            up(x, s)
+
+    timed = interleaved_times({n: functools.partial(upsample_all, n) for n in models}, repeats, warmup=1)
+    wall, cpu = timed.wall_ms, timed.cpu_ms
     return {
         "calls": {n: [f"{'x'.join(map(str, x.shape[1:]))}->{s[0]}x{s[1]}" for x, s in c] for n, c in calls.items()},
         "wall_median_ms": {n: round(statistics.median(v), 2) for n, v in wall.items()},

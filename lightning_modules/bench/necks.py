@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import math
 import resource
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from detection.detectors import Detector, parameter_summary
+from detection.latency import interleaved_times, paired_ratio
 from lightning_modules import builders as B
 from lightning_modules.bench.common import AUTOCAST, FP32, _progress, _stats, model_config, sync
 
@@ -32,6 +33,10 @@ class Candidate:
     ms: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)  # this process's CPU time, all its threads
     detections: int = 0  # post-processing and the mask head scale with it: equal counts, fair times
+
+    def detect(self, images: list[torch.Tensor]) -> None:
+        """One timed call: a forward, keeping only the first image's detection count."""
+        self.detections = len(self.run(images)[0]["scores"])
 
 
 def _variant_runner(net: Detector, variant: str) -> Callable[[list[torch.Tensor]], Any]:
@@ -73,26 +78,23 @@ def run_necks(b: DictConfig, device: torch.device) -> dict[str, Any]:
         image = torch.rand(3, *b.size, generator=g).to(device)  # one random image in [0, 1]
         passes = b.warmup + b.repeats
         task = progress.add_task("necks: time", total=passes * len(candidates))
+
+        runs = {(c.detector, c.neck, c.variant): functools.partial(c.detect, [image]) for c in candidates}
+        position = {key: i for i, key in enumerate(runs)}
+
+        def show(r: int, key: tuple[str, str, str]) -> None:
+            progress.update(task, completed=r * len(runs) + position[key],
+                            description=f"necks: {'warm-up' if r < b.warmup else 'repeat'} {r + 1}/{passes} "
+                            f"{key[0]} + {key[1]} {key[2]}")
+
         with torch.inference_mode():
-            for r in range(passes):
-                for c in candidates:
-                    progress.update(task, description=f"necks: {'warm-up' if r < b.warmup else 'repeat'} "
-                                    f"{r + 1}/{passes} {c.detector} + {c.neck} {c.variant}")
-                    sync(device)
-                    start, start_cpu = time.perf_counter(), time.process_time()
-                    out = c.run([image])
-                    sync(device)
-                    if r >= b.warmup:
-                        c.ms.append(1000 * (time.perf_counter() - start))
-                        c.cpu_ms.append(1000 * (time.process_time() - start_cpu))
-                    c.detections = len(out[0]["scores"])
-                    progress.advance(task)
+            times = interleaved_times(runs, b.repeats, b.warmup, sync=functools.partial(sync, device), before_call=show)
+        progress.update(task, completed=passes * len(runs))
+        for c in candidates:
+            key = (c.detector, c.neck, c.variant)
+            c.ms, c.cpu_ms = times.wall_ms[key], times.cpu_ms[key]
 
     by_key = {(c.detector, c.neck, c.variant): c for c in candidates}
-
-    def paired(c: list[float], ref: list[float]) -> float:
-        # per-repeat ratio, then the median: each pair ran seconds apart in the same pass
-        return statistics.median(t / r for t, r in zip(c, ref))
 
     def spread(c: list[float], ref: list[float], key: str) -> dict[str, Any]:
         """The per-repeat ratios' quartiles and the median's standard error (1.2533 s / sqrt(n), the
@@ -112,20 +114,20 @@ def run_necks(b: DictConfig, device: torch.device) -> dict[str, Any]:
         row = {
             "detector": c.detector, "neck": c.neck, **params[c.detector, c.neck],
             "ms_median": round(st["median"], 3), "ms_min": round(st["min"], 3), "ms_max": round(st["max"], 3),
-            "ratio_vs_fpn": round(paired(c.ms, ref.ms), 4), "detections": c.detections,
+            "ratio_vs_fpn": round(paired_ratio(c.ms, ref.ms), 4), "detections": c.detections,
             **spread(c.ms, ref.ms, "ratio_vs_fpn"),
         }
         if device.type == "cpu":
             # On a machine shared with other jobs wall time also counts waiting for a core; the
             # process's CPU time does not, so its ratio is the steadier figure there.
             row["cpu_ms_median"] = round(statistics.median(c.cpu_ms), 3)
-            row["ratio_vs_fpn_cpu"] = round(paired(c.cpu_ms, ref.cpu_ms), 4)
+            row["ratio_vs_fpn_cpu"] = round(paired_ratio(c.cpu_ms, ref.cpu_ms), 4)
             row.update(spread(c.cpu_ms, ref.cpu_ms, "ratio_vs_fpn_cpu"))
         if c.variant == FP32:
             rows.append(row)
         else:
             fp32 = by_key[c.detector, c.neck, FP32]
-            gpu_rows.append({**row, "variant": c.variant, "speedup_vs_fp32": round(paired(fp32.ms, c.ms), 4)})
+            gpu_rows.append({**row, "variant": c.variant, "speedup_vs_fp32": round(paired_ratio(fp32.ms, c.ms), 4)})
     memory = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if device.type == "cuda":
         memory["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
