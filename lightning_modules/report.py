@@ -41,6 +41,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from lightning_modules.markdown import markdown_table
+
 log = logging.getLogger("pyramidlab")
 
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -252,16 +254,6 @@ def _fmt(key: str, v: float | None) -> str:
     if v is None:
         return "–"
     return f"{v:.2f}" if key in ("params_trainable", "time_ms") else f"{v:.1f}"
-
-
-def _md_cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(map(_md_cell, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in body]
-    return "\n".join(lines)
 
 
 def _config_label(row: dict, keys: Sequence[str]) -> str:
@@ -519,7 +511,7 @@ def write_report(
         f"{len(rows)} rows, {len(failed)} failed. AP: COCO, in percent; params: trainable, in millions; "
         "time: median forward time per image, ms.",
         "",
-        _md_table(header, body),
+        *markdown_table(header, body),
     ]
 
     files = ReportFiles(md=out_dir / "report.md", csv=out_dir / "report.csv", png=None, baseline_error=baseline_error)
@@ -558,7 +550,7 @@ def write_report(
             md += ["[difference ± h]: the mean over seeds of (row − its baseline row), paired by seed (the seeds "
                    "both completed), ± the half-width h of its 95 % confidence interval, t(0.975, n−1)·sd/√n "
                    "(`n/a` with one seed); sig.: the interval excludes 0.", ""]
-        md.append(_md_table(head, agg_body))
+        md += markdown_table(head, agg_body)
         files.mean_csv = out_dir / "report_mean.csv"
         with open(files.mean_csv, "w", newline="") as f:
             w = csv.writer(f)

@@ -15,6 +15,8 @@ import torchvision
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from lightning_modules.markdown import markdown_table
+
 
 # -------------------------------------------------------------------------------------- report
 def _cpu_model() -> str:
@@ -92,12 +94,6 @@ def _ratio_cell(row: dict[str, Any], key: str) -> str:
     return f"{row[key]:.3f} ± {row[f'{key}_sem']:.3f} [{row[f'{key}_q25']:.3f}, {row[f'{key}_q75']:.3f}]"
 
 
-def _md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines
-
-
 def render_markdown(results: dict[str, Any]) -> str:
     dev = results["device"]
     hw = dev["gpu"] or f"{dev['cpu']} ({dev['cpu_affinity']} cores, {dev['torch_threads']} torch threads)"
@@ -114,7 +110,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         out += ["", f"## Necks: batch 1, {h}×{w}, eval mode, inference_mode, {dev['device']}, "
                 f"{cfg['repeats']} interleaved repeats after {cfg['warmup']} warm-up", ""]
         cpu = "ratio_vs_fpn_cpu" in results["necks"][0]
-        out += _md_table(
+        out += markdown_table(
             ["detector", "neck", "trainable (M)", "total (M)", "ms median", "ms min", "ms max",
              f"× {cfg['reference_neck']}", *(["CPU ms median", f"× {cfg['reference_neck']} (CPU time)"] if cpu else []),
              "detections"],
@@ -130,7 +126,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"random image (post-processing and the mask head scale with it). Peak memory: {results['memory']}."]
     if results.get("gpu"):
         out += ["", "## GPU variants (CUDA-synchronised)", ""]
-        out += _md_table(
+        out += markdown_table(
             ["detector", "neck", "variant", "ms median", "ms min", "ms max", f"× {cfg['reference_neck']}",
              "speed-up vs fp32"],
             [[r["detector"], r["neck"], r["variant"], f"{r['ms_median']:.2f}", f"{r['ms_min']:.2f}",
@@ -142,7 +138,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         arm = f["lightning_arm"]
         out += ["", f"## Framework: training images/s, batch {f['batch_size']}, {f['steps']} timed steps after "
                 f"{f['warmup_steps']} warm-up, {f['rounds']} interleaved rounds, precision {f['precision']}", ""]
-        out += _md_table(
+        out += markdown_table(
             ["Lightning img/s", "plain loop img/s", "ratio plain / Lightning", "per-round ratio (median)",
              "CPU ms/img Lightning", "CPU ms/img plain", "ratio (CPU time)"],
             [[f"{f['lightning_img_s']:.2f}", f"{f['plain_img_s']:.2f}", f"{f['ratio']:.3f}",
@@ -159,7 +155,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     d = results.get("data")
     if d:
         out += ["", f"## Data: training DataLoader, num_workers={d['num_workers']}, batch {d['batch_size']}", ""]
-        out += _md_table(
+        out += markdown_table(
             ["loader alone img/s", "step consumes img/s", "loader / step", "plain loop time waiting on data"],
             [[f"{d['loader_img_s']:.1f}", f"{d['step_img_s']:.2f}", f"{d['loader_over_step']:.1f}",
               f"{100 * d['loader_wait_frac']:.1f} %"]],
@@ -173,7 +169,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         out += render_convergence(results["convergence"])
     if results.get("targets"):
         out += ["", "## Targets (issue 6)", ""]
-        out += _md_table(
+        out += markdown_table(
             ["target", "value", "bound", "met"],
             [[t["what"], "–" if t["value"] is None else f"{t['value']:.3f}",
               f"≤ {t['max']}" if "max" in t else f"≥ {t['min']}",
@@ -197,7 +193,7 @@ def render_eval(e: dict[str, Any]) -> list[str]:
            f"({e['split']} split ground truth), CocoEvaluator update + compute", ""]
     lib = e["library"]
     ap_key = {"pycocotools": "ap_pycocotools", "faster_coco_eval": "ap_faster", "hotcoco": "ap_hotcoco"}
-    out += _md_table(
+    out += markdown_table(
         ["backend", "end to end s (median)", "pycocotools / this", "AP", "library alone s", "update s",
          "gather s", "datasets s", "COCOeval s"],
         [[NAMES[k], f"{e[f'{k}_s']:.3f}", f"{e['pycocotools_s'] / e[f'{k}_s']:.1f}×", f"{e[ap_key[k]]:.6f}",
@@ -220,7 +216,7 @@ def render_eval(e: dict[str, Any]) -> list[str]:
             for k, r in entry["backends"].items():
                 rows.append([t, NAMES[k], f"{r['s']:.2f}", f"{py['s'] / r['s']:.1f}×" if py else "–",
                              f"{r['ap']:.6f}", *_profile_cells(r["profile"])])
-        out += _md_table(["iou type", "backend", "end to end s", "pycocotools / this", "AP", "update s", "gather s",
+        out += markdown_table(["iou type", "backend", "end to end s", "pycocotools / this", "AP", "update s", "gather s",
                        "datasets s", "COCOeval s"], rows)
     return out
 
@@ -236,8 +232,7 @@ def render_data_scale(d: dict[str, Any]) -> list[str]:
     rows = [[k, v["parse_index_s"], v["peak_rss_mb"], f"{v['workers_pss_start_mb']} → {v['workers_pss_end_mb']}",
              v["workers_pss_growth_mb"], f"{v['workers_rss_start_mb']} → {v['workers_rss_end_mb']}",
              v["workers_rss_growth_mb"], v["loader_img_s"]] for k, v in d["variants"].items()]
-    out += ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    out += markdown_table(head, rows)
     out += ["", "serialized: records in one NumPy buffer (detection/data/serialize.py) and inherited objects "
             "frozen in the workers; dict: the same loader with a Python dict of per-image dicts (before). "
             "Growth: summed over the workers, from after the warm-up batches to the end."]
@@ -268,7 +263,7 @@ def render_convergence(c: dict[str, Any]) -> list[str]:
                      f"{c[f'final_loss_{arm}']:.4f}"])
     rows.append(["Lightning − plain", *(_pct(c[f"{k}_diff"], c[f"{k}_diff_std"]) for k, _ in CONVERGENCE_METRICS),
                  f"{c['lightning_s'] - c['plain_s']:+.1f}", "", f"{c['lightning_total_s'] - c['plain_total_s']:+.1f}", ""])
-    out += _md_table(["arm", *(f"bbox {n} %" for _, n in CONVERGENCE_METRICS), "steps s", "images/s", "arm s",
+    out += markdown_table(["arm", *(f"bbox {n} %" for _, n in CONVERGENCE_METRICS), "steps s", "images/s", "arm s",
                       "final loss"], rows)
     yes = {True: "yes", False: "**no**"}
     out += ["", f"Both arms: the same initial weights ({yes[c['same_init_weights']]}), the same first batch "
