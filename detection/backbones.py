@@ -17,8 +17,8 @@ from torchvision.models import resnet
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
-# Output channels of layer1..layer4 for each architecture.
-_ARCHS = {
+# torchvision constructor and output channels of layer1..layer4 for each architecture (backbone.arch).
+RESNET_ARCHS = {
     "resnet18": (resnet.resnet18, (64, 128, 256, 512)),
     "resnet34": (resnet.resnet34, (64, 128, 256, 512)),
     "resnet50": (resnet.resnet50, (256, 512, 1024, 2048)),
@@ -104,10 +104,10 @@ class ResNetBody(_FrozenStages):
         weights_path: str | None = None,
     ) -> None:
         super().__init__()
-        if arch not in _ARCHS:
-            raise ValueError(f"backbone.arch={arch!r} is not known; choose one of {sorted(_ARCHS)}")
+        if arch not in RESNET_ARCHS:
+            raise ValueError(f"backbone.arch={arch!r} is not known; choose one of {sorted(RESNET_ARCHS)}")
         return_layers = _check_body_args(return_layers, frozen_stages, norm)
-        builder, channels = _ARCHS[arch]
+        builder, channels = RESNET_ARCHS[arch]
         norm_layer = FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d
         net = builder(weights=None, norm_layer=norm_layer)
         if weights_path:

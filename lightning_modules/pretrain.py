@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from detection.backbones import _ARCHS
+from detection.backbones import RESNET_ARCHS
 from detection.data.crops import CropSampler
 from detection.evaluation import write_json_atomic
 from lightning_modules.paths import CONF_DIR
@@ -71,9 +71,9 @@ class CropClassifier(L.LightningModule):
     def __init__(self, arch: str, num_classes: int, lr: float, weight_decay: float, steps: int,
                  warmup_frac: float) -> None:
         super().__init__()
-        if arch not in _ARCHS:
-            raise ValueError(f"backbone.arch={arch!r}: pretraining knows {sorted(_ARCHS)}")
-        self.net = _ARCHS[arch][0](weights=None, num_classes=num_classes + 1).to(memory_format=torch.channels_last)
+        if arch not in RESNET_ARCHS:
+            raise ValueError(f"backbone.arch={arch!r}: pretraining knows {sorted(RESNET_ARCHS)}")
+        self.net = RESNET_ARCHS[arch][0](weights=None, num_classes=num_classes + 1).to(memory_format=torch.channels_last)
         self.lr, self.weight_decay, self.steps, self.warmup_frac = lr, weight_decay, steps, warmup_frac
         self.correct = self.seen = 0
 

@@ -28,6 +28,7 @@ from lightning_modules.bench.report import (
     write_text_atomic,
 )
 from lightning_modules.bench.training import data_entry, framework_entry, run_training
+from lightning_modules.config_checks import prepare_config
 from lightning_modules.paths import CONF_DIR
 
 
@@ -35,10 +36,8 @@ from lightning_modules.paths import CONF_DIR
 def bench(cfg: DictConfig) -> dict[str, Any]:
     """Run the sections of ``cfg.bench``; write bench.json and bench.md into ``cfg.paths.output_dir``."""
     b = bench_options(cfg)
-    # backbone.weights_path=embedded (experiment=shapes_fcos, make train's model): the cached pretrained file
-    from lightning_modules.pretrain import resolve_backbone_weights
-
-    resolve_backbone_weights(cfg)
+    # the checks pyramidlab-train runs (types, data paths and num_classes, backbone.weights_path=embedded)
+    prepare_config(cfg)
     threads = torch.get_num_threads()
     if b.threads is not None:
         torch.set_num_threads(b.threads)
