@@ -166,7 +166,14 @@ def pretrain(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
 
 def ensure_pretrained(cfg: DictConfig, force: bool = False) -> Path:
-    """The cached weights for ``cfg`` (pretraining first if missing or ``force``); one process at a time."""
+    """The cached weights for ``cfg`` (pretraining first if missing or ``force``); one process at a time.
+
+    The data comes first: on first use the embedded dataset is generated before the cache is keyed
+    on its generation parameters and before ``<data.root>/pretrain/`` exists (the generator refuses
+    a non-empty folder that is not a dataset)."""
+    from lightning_modules.builders import build_datamodule
+
+    build_datamodule(cfg.data, with_masks=False).prepare_data()
     out = cache_path(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".lock"), "w") as lock:

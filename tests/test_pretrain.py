@@ -120,3 +120,18 @@ def test_weights_path_embedded_without_settings_is_a_clear_error(value: str, tmp
         cfg.pretrain = None
     with pytest.raises(ValueError, match="backbone.weights_path=embedded needs"):
         resolve_backbone_weights(cfg)
+
+
+def test_embedded_weights_on_first_use_generate_the_dataset_first(tmp_path: Path) -> None:
+    """A fresh machine: neither the dataset nor the cache exists. The dataset is generated, then the
+    body pretrained into ``<data.root>/pretrain/`` (keyed on the generated dataset's parameters)."""
+    from lightning_modules.pretrain import cache_path, resolve_backbone_weights
+
+    root = tmp_path / "fresh" / "shapes"
+    cfg = compose_cfg("train", [*TINY, *PRETRAIN_TINY, "experiment=shapes_fcos"], tmp_path, data_root=root)
+    resolve_backbone_weights(cfg)
+    assert (root / "shapes_meta.json").is_file()
+    path = Path(cfg.backbone.weights_path)
+    assert path.is_file() and path.parent == root / "pretrain"
+    cfg2 = compose_cfg("train", [*TINY, *PRETRAIN_TINY, "experiment=shapes_fcos"], tmp_path, data_root=root)
+    assert cache_path(cfg2) == path  # the key read from the generated dataset: the next run finds it
