@@ -91,7 +91,7 @@ class CropClassifier(L.LightningModule):
     def configure_optimizers(self) -> Any:
         # one-cycle (warmup then cosine) is torch's own: a classification warm start, not the
         # detection schedule of lightning_modules/optim.py
-        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=True)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, self.lr, total_steps=self.steps,
                                                     pct_start=self.warmup_frac)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
