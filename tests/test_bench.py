@@ -85,6 +85,12 @@ def test_tiny_bench_writes_every_key(tiny_bench):
     assert len(f["lightning_img_s_rounds"]) == len(f["plain_img_s_rounds"]) == 2
     assert f["ratio_cpu"] > 0 and f["lightning_cpu_ms_per_img"] > 0
     assert "validation" in f["lightning_arm"]["excluded"]
+    # where a step's time goes: the phases are measured parts of the step (forward and backward dominate)
+    ph = f["plain_phase_ms"]
+    assert set(ph) == {"data", "forward", "backward", "optimizer", "other"}
+    assert ph["forward"] > 0 and ph["backward"] > 0 and ph["optimizer"] > 0 and ph["data"] >= 0
+    assert sum(v for k, v in ph.items() if k != "other") <= f["plain_step_ms"] * 1.01
+    assert "Where a plain-loop step" in (tiny_bench[0] / "bench.md").read_text()
 
     d = saved["data"]
     assert d["loader_img_s"] > 0 and d["step_img_s"] > 0 and 0 <= d["loader_wait_frac"] < 1

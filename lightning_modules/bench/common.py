@@ -10,6 +10,7 @@ import functools
 import math
 import os
 import statistics
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -256,6 +257,7 @@ class PlainStep:
         if self.clip_algorithm not in ("norm", "value"):
             raise ValueError(f"trainer.gradient_clip_algorithm={self.clip_algorithm!r}: expected norm or value")
         self.count = 0
+        self.last: dict[str, float] = {}  # the last call's phases in seconds: forward, backward, optimizer
 
     def _clip(self) -> None:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]  # Lightning clips these
@@ -268,16 +270,20 @@ class PlainStep:
         """Train on one batch (already on the device); the summed loss before the step."""
         autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None \
             else contextlib.nullcontext()
+        t0 = time.perf_counter()
         with autocast:
             loss_dict = self.net(images, targets)
             losses = sum(loss for loss in loss_dict.values())
-        loss_value = losses.item()
+        loss_value = losses.item()  # synchronises
+        t1 = time.perf_counter()
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"plain loop: non-finite loss {loss_value} at step {self.count}: "
                                      f"{ {n: float(v) for n, v in loss_dict.items()} }")
         self.optimizer.zero_grad()
         if self.scaler is not None:
             self.scaler.scale(losses).backward()
+            sync(self.device)
+            t2 = time.perf_counter()
             if self.clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 self._clip()
@@ -287,7 +293,12 @@ class PlainStep:
             losses.backward()
             if self.clip is not None:
                 self._clip()
+            sync(self.device)
+            t2 = time.perf_counter()
             self.optimizer.step()
         self.lr_scheduler.step()
+        sync(self.device)
+        # forward (+ loss), backward (+ clipping without a scaler), optimizer + LR step (+ the scaler's unscale/clip)
+        self.last = {"forward": t1 - t0, "backward": t2 - t1, "optimizer": time.perf_counter() - t2}
         self.count += 1
         return loss_value

@@ -150,6 +150,10 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"{arm['loggers']}, log_every_n_steps={arm['log_every_n_steps']}; without {', '.join(arm['excluded'])} "
                 "(in both arms). The plain arm: torchvision's reference loop (forward, sum, loss.item() finite "
                 "check, zero_grad, backward, step, scheduler step) with the same optimizer and LR schedule."]
+        if f.get("plain_phase_ms"):
+            ph = f["plain_phase_ms"]
+            out += ["", f"Where a plain-loop step's {f['plain_step_ms']:.1f} ms go (median over rounds):", ""]
+            out += markdown_table(list(ph), [[f"{v:.1f} ms ({100 * v / f['plain_step_ms']:.0f} %)" for v in ph.values()]])
         if f.get("profile"):
             out += ["", f"cProfile (one extra round per arm, profile_*.txt): {f['profile']}"]
     d = results.get("data")

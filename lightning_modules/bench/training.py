@@ -11,7 +11,7 @@ import pstats
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ class RoundResult:
     cpu_s: float = 0.0  # this process's CPU time over the timed steps (loader workers are others)
     wait_s: float = 0.0  # plain loop: time spent waiting on the DataLoader
     round_s: float = 0.0  # the whole round: set-up, worker start, warm-up, timed steps, tear-down
+    steps: int = 0  # timed steps
+    phases: dict[str, float] = field(default_factory=dict)  # plain loop: seconds per phase over the timed steps
 
     @property
     def img_s(self) -> float:
@@ -124,7 +126,10 @@ def plain_round(fcfg: DictConfig, b: DictConfig, net: Detector, dm: L.LightningD
             step(images, targets)
             if k >= warmup:
                 res.images += len(images)
+                res.steps += 1
                 res.wait_s += fetched - fetch
+                for phase, sec in {"data": fetched - fetch, **step.last}.items():
+                    res.phases[phase] = res.phases.get(phase, 0.0) + sec
             progress.advance(task)
         sync(device)
         res.seconds = time.perf_counter() - start
@@ -253,6 +258,14 @@ def framework_entry(train: dict[str, Any], b: DictConfig) -> dict[str, Any]:
             "excluded": ["validation", "sanity check", "checkpointing"],
         },
     }
+    # where a plain-loop step's time goes (median over rounds, ms per step): data wait, forward + loss,
+    # backward, optimizer + LR step; "other" is the rest of the step (progress bar, device copies)
+    phases = {ph: statistics.median(1000 * r.phases[ph] / r.steps for r in res["plain"])
+              for ph in ("data", "forward", "backward", "optimizer")}
+    step_ms = statistics.median(1000 * r.seconds / r.steps for r in res["plain"])
+    entry["plain_step_ms"] = round(step_ms, 1)
+    entry["plain_phase_ms"] = {**{k: round(v, 1) for k, v in phases.items()},
+                               "other": round(step_ms - sum(phases.values()), 1)}
     if "profile" in train:
         entry["profile"] = train["profile"]
     return entry
