@@ -169,7 +169,7 @@ def log_config(loggers: list[Logger], cfg: dict) -> None:
 
 
 def finish_loggers(loggers: list[Logger], exit_code: int = 0) -> None:
-    """End each W&B run so the next job of a multirun gets its own (PITFALLS); exit_code 1 marks it failed."""
+    """End each W&B run so the next job of a multirun gets its own (wandb keeps one run per process otherwise); exit_code 1 marks it failed."""
     for lg in loggers:
         if isinstance(lg, WandbLogger):
             import wandb

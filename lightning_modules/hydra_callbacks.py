@@ -10,8 +10,8 @@
 - :func:`main_with_hints`: a console-script wrapper that adds "did you mean" to Hydra's
   unknown-key error and makes a multirun with failed jobs exit non-zero.
 - The ``pyramidlab.job_dirname`` resolver: readable sweep sub-folder names.
-- :func:`ddp_child_command`: the command line of a DDP child process (see PITFALLS:
-  Lightning's own re-runs the whole sweep in every child).
+- :func:`ddp_child_command`: the command line of a DDP child process (Lightning's own
+  re-runs the whole sweep in every child of a multirun job).
 
 Importing this module registers the resolver. Hydra instantiates the callback (so imports
 this module) when a multirun starts, before any job folder name is resolved; the entry

@@ -22,7 +22,7 @@ counts optimizer steps, so it grows by 2 per iteration (Lightning #17958). There
   iteration as "step" and the optimizer step alongside.
 
 Distributed training: a G step leaves D without gradients and vice versa, so DDP must run with
-``strategy="ddp_find_unused_parameters_true"`` (PITFALLS). Mixed precision: use ``bf16-mixed``
+``strategy="ddp_find_unused_parameters_true"`` (else DDP raises on the unused half). Mixed precision: use ``bf16-mixed``
 (``16-mixed`` would make manual clipping see scaled gradients).
 """
 

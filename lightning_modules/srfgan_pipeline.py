@@ -201,7 +201,7 @@ def _group_option(path: Path) -> DictConfig:
 
 
 def gan_trainer_config(cfg: DictConfig, monitor: str, mode: str) -> DictConfig:
-    """GAN stages: DDP must allow unused parameters (a G step leaves D without gradients, PITFALLS);
+    """GAN stages: DDP must allow unused parameters (a G step leaves D without gradients);
     the best checkpoint follows ``monitor`` (stage 1 has no AP: ``val/l1``; stage 2: ``val/bbox/AP``)."""
     out = copy.deepcopy(cfg)
     with open_dict(out):

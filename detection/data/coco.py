@@ -304,10 +304,6 @@ class CocoDetection(Dataset):
             self.ids = self.ids[: max(int(n), 0)]
         return self
 
-    def image_info(self, index: int) -> dict[str, Any]:
-        """COCO ``images`` entry (``file_name``, ``width``, ``height``, ...) of item ``index``."""
-        return self.coco.imgs[self.ids[index]]
-
     @property
     def num_classes(self) -> int:
         return len(self.category_ids)
