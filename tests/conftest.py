@@ -85,3 +85,18 @@ def shapes_root() -> Path:
     root = Path(os.environ["PYRAMIDLAB_DATA"]) / "shapes"
     ensure_shapes(root, num_train=16, num_val=8, num_test=8, image_size=128, seed=0)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _drop_leftover_log_files():
+    """An in-process ``hydra.main`` run (``train.main()``) leaves Hydra's ``train.log`` FileHandler on the
+    root logger: later tests in the worker would log into that test's run folder, and fail once pytest
+    removes it (``tmp_path_retention_policy = "failed"``). Each test ends with the handlers it began with."""
+    import logging
+
+    root = logging.getLogger()
+    before = set(root.handlers)
+    yield
+    for h in [h for h in root.handlers if h not in before and isinstance(h, logging.FileHandler)]:
+        root.removeHandler(h)
+        h.close()
