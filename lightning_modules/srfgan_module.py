@@ -385,7 +385,7 @@ class SRFExtractorModule(AdversarialSteps, L.LightningModule):
         super().__init__()
         self.net = net
         self.optimizer_factory = optimizer
-        self.scheduler_cfg = check_scheduler(scheduler)
+        self.scheduler_cfg = check_scheduler(scheduler, "srf.stage2.scheduler")
         self.evaluation = DetectionEvaluation(net.with_masks, net.num_classes, eval_backend, category_ids)
         self.run_config: dict | None = None  # resolved config, stored in checkpoints
         self.automatic_optimization = False

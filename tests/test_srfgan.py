@@ -652,3 +652,10 @@ def test_neck_contract_every_neck_and_transfer_between_neck_shapes():
     own = dst.backbone.state_dict()
     assert torch.equal(own["neck.base.base.lateral_convs.1.weight"], src.backbone.state_dict()["neck.base.lateral_convs.1.weight"])
     assert torch.equal(generator_of(dst).head[0].weight, generator_of(src).head[0].weight)
+
+
+def test_a_bad_stage2_scheduler_names_its_own_key():
+    """Stage 2's scheduler error names the key it came from (srf.stage2.scheduler), not optim.scheduler."""
+    opt = functools.partial(torch.optim.Adam, lr=1e-4)
+    with pytest.raises(ValueError, match=r"^srf\.stage2\.scheduler\.name='bogus' is not known"):
+        SM.SRFExtractorModule(net=None, target=None, discriminator=None, optimizer=opt, scheduler={"name": "bogus"})
