@@ -2,7 +2,8 @@
 
 Detection training (``DetectionModule``), the GAN stages (G, D and the extractor M) and the bench
 all build their optimizers with :func:`build_optimizer` (so ``optim.scale_lr`` means the same thing
-everywhere) and their schedules with :func:`build_scheduler` (stepped once per iteration).
+everywhere) and their schedules with :func:`build_scheduler` (stepped once per iteration). The
+crop-classification warm start of ``pyramidlab-pretrain`` has its own, :func:`one_cycle_adamw`.
 
 Scheduler config keys (``optim.scheduler``, ``srf.stageN.scheduler``):
 
@@ -184,6 +185,18 @@ def build_optimizer(cfg: DictConfig, node: DictConfig | None = None, key: str = 
     log.info(f"optim.scale_lr: {key}.lr {lr} x {total_batch_size(cfg)} images per step / "
              f"{cfg.optim.get('base_batch_size', 16)} = {scaled:g}")
     return functools.partial(opt.func, *opt.args, **{**opt.keywords, "lr": scaled})
+
+
+def one_cycle_adamw(
+    params: Any, *, lr: float, weight_decay: float, total: int, warmup_frac: float
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
+    """AdamW with torch's one-cycle schedule (``lr``/25 up to ``lr`` over ``warmup_frac`` of ``total``
+    iterations, then cosine down): the classification warm start of ``pyramidlab-pretrain``
+    (``pretrain.lr``, ``pretrain.weight_decay``, ``pretrain.warmup_frac``), not a detection schedule.
+    Its settings are not ``optim.*`` ones: the cached weights are keyed on ``pretrain`` alone, so a
+    change of the detection optimizer never invalidates them."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=total, pct_start=warmup_frac)
 
 
 # ---------------------------------------------------------------------------------- guard

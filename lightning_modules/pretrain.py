@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from detection.backbones import RESNET_ARCHS
 from detection.data.crops import CropSampler
 from detection.evaluation import write_json_atomic
+from lightning_modules.optim import one_cycle_adamw
 from lightning_modules.paths import CONF_DIR
 
 log = logging.getLogger("pyramidlab")
@@ -89,11 +90,8 @@ class CropClassifier(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        # one-cycle (warmup then cosine) is torch's own: a classification warm start, not the
-        # detection schedule of lightning_modules/optim.py
-        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=True)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, self.lr, total_steps=self.steps,
-                                                    pct_start=self.warmup_frac)
+        opt, sched = one_cycle_adamw(self.parameters(), lr=self.lr, weight_decay=self.weight_decay,
+                                     total=self.steps, warmup_frac=self.warmup_frac)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

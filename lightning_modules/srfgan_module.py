@@ -108,7 +108,8 @@ class AdversarialSteps:
     """The alternating updates shared by stages 1 and 2 (a mixin for LightningModules).
 
     Needs ``self.discriminator``, ``self.stage``, ``self.adv_weight``, ``self.gradient_clip`` and
-    ``configure_optimizers`` returning ``[opt_d, opt_g], [sch_d, sch_g]`` (index 0: D, 1: G or M).
+    ``configure_optimizers`` returning ``[opt_d, opt_g], [sch_d, sch_g]`` (index 0: D, 1: G or M; see
+    :meth:`adversarial_optimizers`).
     Optimizers and schedulers come from ``self.optimizers()`` / ``self.lr_schedulers()``, backward
     goes through ``self.manual_backward`` (precision plugin), and the other network is toggled off
     (``requires_grad=False``) during each step.
@@ -136,6 +137,14 @@ class AdversarialSteps:
             "discriminator": {"in_channels": self.discriminator.in_channels, "channels": list(self.discriminator.channels)},
             "target_source": str(self.source),
         }
+
+    def adversarial_optimizers(self, factory: Callable[..., torch.optim.Optimizer], other: torch.nn.Module) -> tuple[list, list]:
+        """``[opt_d, opt_other], [sch_d, sch_other]``: D's and the other network's trainable parameters,
+        each with the stage's schedule stepped once per iteration (``configure_optimizers``)."""
+        opts = [self.optimizer_d_factory([p for p in self.discriminator.parameters() if p.requires_grad]),
+                factory([p for p in other.parameters() if p.requires_grad])]
+        budget = iteration_budget(self.trainer, STEPS_PER_ITERATION)
+        return opts, [build_scheduler(o, self.scheduler_cfg, *budget) for o in opts]
 
     def _where(self) -> str:
         """The step a divergence is reported at: the iteration, the epoch and Lightning's optimizer step."""
@@ -314,11 +323,7 @@ class SRFGANModule(AdversarialSteps, L.LightningModule):
         self.log("val/l1_bilinear", l1_loss(interp("bilinear"), real), batch_size=bs, sync_dist=True)
 
     def configure_optimizers(self) -> tuple[list, list]:
-        opt_d = self.optimizer_d_factory([p for p in self.discriminator.parameters() if p.requires_grad])
-        opt_g = self.optimizer_g_factory([p for p in self.generator.parameters() if p.requires_grad])
-        budget = iteration_budget(self.trainer, STEPS_PER_ITERATION)
-        schedulers = [build_scheduler(o, self.scheduler_cfg, *budget) for o in (opt_d, opt_g)]
-        return [opt_d, opt_g], schedulers
+        return self.adversarial_optimizers(self.optimizer_g_factory, self.generator)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
@@ -497,11 +502,7 @@ class SRFExtractorModule(AdversarialSteps, L.LightningModule):
         self.evaluation.on_test_epoch_end(self)
 
     def configure_optimizers(self) -> tuple[list, list]:
-        opt_d = self.optimizer_d_factory([p for p in self.discriminator.parameters() if p.requires_grad])
-        opt_m = self.optimizer_factory([p for p in self.net.parameters() if p.requires_grad])
-        budget = iteration_budget(self.trainer, STEPS_PER_ITERATION)
-        schedulers = [build_scheduler(o, self.scheduler_cfg, *budget) for o in (opt_d, opt_m)]
-        return [opt_d, opt_m], schedulers
+        return self.adversarial_optimizers(self.optimizer_factory, self.net)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
