@@ -12,8 +12,9 @@ Conventions shared by everything in this module:
   bucket).
 
 The AP itself is never reimplemented here: :class:`CocoEvaluator` hands COCO datasets built from its
-accumulated rows to faster-coco-eval's or pycocotools' ``COCOeval``, and
-:func:`evaluate_results_with_pycocotools` runs the stock ``COCO.loadRes`` + ``COCOeval`` on a results list.
+accumulated rows to faster-coco-eval's or pycocotools' ``COCOeval``. The tests check it against stock
+``COCO.loadRes`` + ``COCOeval`` on the results file :func:`coco_results` writes (``tests/coco_oracle.py``).
+Atomic file writes live in ``detection/atomic.py``.
 """
 
 from __future__ import annotations
@@ -25,17 +26,14 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from rich.table import Table
 
 # faster-coco-eval logs its whole 12-line summary at INFO on every compute(); the metrics
@@ -48,10 +46,9 @@ __all__ = [
     "METRIC_NAMES",
     "CocoEvaluator",
     "coco_results",
-    "evaluate_results_with_pycocotools",
+    "load_coco_gt",
     "metrics_table",
     "results_xywh",
-    "write_json_atomic",
 ]
 
 BACKENDS = ("faster_coco_eval", "pycocotools", "hotcoco")
@@ -192,7 +189,7 @@ class CocoEvaluator(torch.nn.Module):
         if ground_truth is None:
             self.ground_truth = None
             return
-        gt = _load_coco_gt(ground_truth)
+        gt = load_coco_gt(ground_truth)
         file_ids = sorted(int(c) for c in gt.cats)
         if self.category_ids is not None and list(self.category_ids) != file_ids:
             raise ValueError(
@@ -683,32 +680,6 @@ def coco_results(
     return bbox_results, segm_results
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any, **json_kwargs: Any) -> Path:
-    """Serialise ``obj`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``.
-
-    Readers (and a crash mid-write) only ever see the old file or the complete new one. Extra keyword
-    arguments go to ``json.dump``. Returns the path written.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, **json_kwargs)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _fmt_percent(value: float | None) -> str:
     if value is None or value < 0:
         return "–"
@@ -729,7 +700,7 @@ def metrics_table(metrics: Mapping[str, float], title: str = "COCO metrics") -> 
     return table
 
 
-def _load_coco_gt(ann_file_or_coco: str | os.PathLike[str] | COCO | Mapping[str, Any]) -> COCO:
+def load_coco_gt(ann_file_or_coco: str | os.PathLike[str] | COCO | Mapping[str, Any]) -> COCO:
     if isinstance(ann_file_or_coco, COCO):
         return ann_file_or_coco
     coco = COCO()
@@ -741,49 +712,3 @@ def _load_coco_gt(ann_file_or_coco: str | os.PathLike[str] | COCO | Mapping[str,
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
-
-
-def evaluate_results_with_pycocotools(
-    ann_file_or_coco: str | os.PathLike[str] | COCO | Mapping[str, Any],
-    results: Sequence[Mapping[str, Any]] | str | os.PathLike[str],
-    iou_type: str = "bbox",
-) -> dict[str, float]:
-    """Stock pycocotools evaluation (``COCO.loadRes`` + ``COCOeval``) of a COCO results list.
-
-    An independent check of the whole export path (original image/category ids, XYWH boxes, original pixels)
-    that shares no code with :class:`CocoEvaluator`.
-
-    Args:
-        ann_file_or_coco: ground truth: annotation JSON path, a ``pycocotools.coco.COCO`` or a dataset dict.
-        results: list of result dicts as produced by :func:`coco_results`, or a path to such a JSON file.
-        iou_type: ``"bbox"`` or ``"segm"``.
-
-    Returns:
-        ``{"{iou_type}/AP": ..., ...}`` with the same names as :meth:`CocoEvaluator.compute`.
-    """
-    if iou_type not in IOU_TYPES:
-        raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
-    gt = _load_coco_gt(ann_file_or_coco)
-    if isinstance(results, str | os.PathLike):
-        with open(results, encoding="utf-8") as f:
-            results = json.load(f)
-    # loadRes writes area/id/bbox (numpy) into the dicts it gets: work on a copy so the caller's list stays
-    # JSON-serialisable and unchanged.
-    results = copy.deepcopy(list(results))
-    with contextlib.redirect_stdout(io.StringIO()):
-        if results:
-            dt = gt.loadRes(results)
-        else:
-            # loadRes indexes results[0]; no detections at all is still a valid (all-zero) submission.
-            dt = COCO()
-            dt.dataset = {
-                "images": list(gt.dataset["images"]),
-                "categories": copy.deepcopy(gt.dataset["categories"]),
-                "annotations": [],
-            }
-            dt.createIndex()
-        ev = COCOeval(gt, dt, iouType=iou_type)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return {f"{iou_type}/{name}": float(v) for name, v in zip(METRIC_NAMES, ev.stats)}

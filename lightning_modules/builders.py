@@ -16,8 +16,9 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
+from detection.atomic import write_json_atomic
 from detection.detectors import Detector, parameter_summary
-from detection.evaluation import metrics_table, write_json_atomic
+from detection.evaluation import metrics_table
 from lightning_modules import hydra_callbacks as H
 from lightning_modules.callbacks import RestoreTrainLoaderState
 from lightning_modules.checkpoints import build_net, load_checkpoint, load_net_state  # noqa: F401 - re-exported

@@ -9,9 +9,7 @@ but the evaluation server's files (:func:`server_files`).
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -20,7 +18,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from detection.evaluation import write_json_atomic
+from detection.atomic import atomic_path, write_json_atomic
 from lightning_modules import builders as B
 from lightning_modules import hydra_callbacks as H
 from lightning_modules.paths import CONF_DIR
@@ -79,11 +77,8 @@ def server_files(output_dir: str | Path, results: dict[str, list], split: str, n
             continue
         stem = f"detections_{split}_{name}_results"
         json_path = write_json_atomic(folder / f"{stem}.json", results[iou_type])
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{stem}.", suffix=".zip.tmp")
-        os.close(fd)
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        with atomic_path(folder / f"{stem}.zip") as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
             z.write(json_path, arcname=json_path.name)
-        os.replace(tmp, folder / f"{stem}.zip")
         out[iou_type] = folder / f"{stem}.zip"
         out[f"{iou_type}_json"] = json_path
     return out

@@ -99,7 +99,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     """Write ``model.pt`` / ``model.onnx`` and ``export.json`` into the run folder; returns the record."""
     import torch
 
-    from detection.evaluation import write_json_atomic
+    from detection.atomic import write_json_atomic
     from lightning_modules import builders as B
     from lightning_modules.predict import load_detector
 

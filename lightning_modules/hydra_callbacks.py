@@ -36,7 +36,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from detection.evaluation import write_json_atomic
+from detection.atomic import write_json_atomic
 
 log = logging.getLogger("pyramidlab")
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from detection.atomic import atomic_path
 
 __all__ = ["ResumableCSVLogger"]
 
@@ -49,12 +50,10 @@ class _KeepingWriter(ExperimentWriter):
         keep = [r for i, r in enumerate(rows) if i < n or _step(r) < step]
         if len(keep) == len(rows):
             return
-        tmp = self.metrics_file_path + ".tmp"
-        with self._fs.open(tmp, "w", newline="") as f:
+        with atomic_path(self.metrics_file_path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(keep)
-        os.replace(tmp, self.metrics_file_path)
 
 
 class ResumableCSVLogger(CSVLogger):

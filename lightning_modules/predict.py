@@ -143,7 +143,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     import torch
     from torchvision.io import write_png
 
-    from detection.evaluation import coco_results, write_json_atomic
+    from detection.atomic import write_json_atomic
+    from detection.evaluation import coco_results
     from lightning_modules import builders as B
     from lightning_modules.visualize import draw_detections
 

@@ -23,7 +23,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,9 +35,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from detection.atomic import atomic_path, write_json_atomic
 from detection.backbones import RESNET_ARCHS
 from detection.data.crops import CropSampler
-from detection.evaluation import write_json_atomic
 from lightning_modules.optim import one_cycle_adamw
 from lightning_modules.paths import CONF_DIR
 
@@ -145,10 +144,8 @@ def pretrain(cfg: DictConfig, out: Path) -> dict[str, Any]:
     trainer.fit(module, DataLoader(_Batches(sampler, steps), batch_size=None, num_workers=0))
     seconds = time.perf_counter() - start
     state = {k: v.contiguous() for k, v in module.net.state_dict().items() if not k.startswith("fc.")}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out)  # a half-written file never takes the cache's name
+    with atomic_path(out) as tmp:  # a half-written file never takes the cache's name
+        torch.save(state, tmp)
     info = {
         "arch": str(cfg.backbone.arch),
         "pretrain": OmegaConf.to_container(p, resolve=True),

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,8 +30,8 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from detection.atomic import atomic_path, write_json_atomic
 from detection.detectors import Detector, count_parameters
-from detection.evaluation import write_json_atomic
 from lightning_modules import builders as B
 from lightning_modules import hydra_callbacks as H
 from lightning_modules import srfgan_module as S
@@ -311,10 +310,8 @@ def prepare_target_net(
 def save_final(trainer: L.Trainer, folder: Path) -> Path:
     """The stage's final weights, written atomically (a crash never leaves a half file as final.ckpt)."""
     path = folder / "checkpoints" / "final.ckpt"
-    tmp = path.with_suffix(".ckpt.tmp")
-    trainer.save_checkpoint(tmp, weights_only=False)
-    if trainer.is_global_zero:
-        os.replace(tmp, path)
+    with atomic_path(path, replace=trainer.is_global_zero) as tmp:  # rank 0 writes (Lightning saves there)
+        trainer.save_checkpoint(tmp, weights_only=False)
     return path
 
 

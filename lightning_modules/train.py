@@ -12,7 +12,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from detection.evaluation import write_json_atomic
+from detection.atomic import write_json_atomic
 from lightning_modules import builders as B
 from lightning_modules import hydra_callbacks as H
 from lightning_modules.callbacks import check_resume

@@ -11,14 +11,14 @@ import pytest
 import torch
 from rich.console import Console
 
+from detection.atomic import atomic_path, write_json_atomic
 from detection.evaluation import (
     METRIC_NAMES,
     CocoEvaluator,
     coco_results,
-    evaluate_results_with_pycocotools,
     metrics_table,
-    write_json_atomic,
 )
+from tests.coco_oracle import evaluate_results_with_pycocotools
 
 BACKENDS = ("faster_coco_eval", "pycocotools", "hotcoco")
 # Both paths end in float64 COCOeval stats; 1e-6 (above the float32 rounding of a value
@@ -421,6 +421,22 @@ def test_write_json_atomic_keeps_old_file_on_failure(tmp_path):
     write_json_atomic(path, [{"v": 2}], indent=2)
     assert json.loads(path.read_text()) == [{"v": 2}]
 
+
+
+def test_atomic_path_replaces_only_on_success_and_only_where_asked(tmp_path):
+    path = tmp_path / "final.ckpt"
+    path.write_bytes(b"good")
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("crash mid-write")
+    assert path.read_bytes() == b"good"
+    with atomic_path(path, replace=False) as tmp:  # a rank that must not write
+        tmp.write_bytes(b"other rank")
+    assert path.read_bytes() == b"good"
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(b"new")
+    assert path.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.ckpt"]  # no temp file left in any case
 
 # ------------------------------------------------------------------------------------ evaluator plumbing
 

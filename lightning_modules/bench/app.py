@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.markup import escape
 
-from detection.evaluation import write_json_atomic
+from detection.atomic import write_json_atomic, write_text_atomic
 from lightning_modules.bench import data_scale as bench_data_scale
 from lightning_modules.bench import evaluation as bench_eval
 from lightning_modules.bench.common import _progress, bench_options, console, resolve_device
@@ -25,7 +25,6 @@ from lightning_modules.bench.report import (
     command_line,
     device_info,
     render_markdown,
-    write_text_atomic,
 )
 from lightning_modules.bench.training import data_entry, framework_entry, run_training
 from lightning_modules.config_checks import prepare_config

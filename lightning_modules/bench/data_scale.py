@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from detection.atomic import atomic_path
+
 TRAIN2017 = {"images": 118_287, "annotations": 860_001}
 _CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 
@@ -40,10 +42,8 @@ def write_synthetic_annotations(path: Path, images: int, annotations: int, size:
     rng = np.random.default_rng(seed)
     h, w = size
     per_image = rng.multinomial(annotations, np.full(images, 1 / images))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     angles = np.linspace(0, 2 * np.pi, 17)[:-1]
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write('{"info": {"description": "synthetic, COCO train2017 counts"}, "images": [')
         f.write(",".join(
             f'{{"id": {i + 1}, "file_name": "0.png", "height": {h}, "width": {w}}}' for i in range(images)
@@ -75,7 +75,6 @@ def write_synthetic_annotations(path: Path, images: int, annotations: int, size:
                 first = False
         cats = ",".join(f'{{"id": {c}, "name": "c{c}", "supercategory": "s"}}' for c in _CATEGORY_IDS)
         f.write(f'], "categories": [{cats}]}}')
-    os.replace(tmp, path)
     return path
 
 

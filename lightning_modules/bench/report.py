@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import platform
 import shlex
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -281,21 +280,5 @@ def render_convergence(c: dict[str, Any]) -> list[str]:
             "end of the last (fetches included); arm s: the whole training call (set-up, worker start-up, steps; "
             "Lightning's also its teardown)."]
     return out
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Temp file in the same folder, then ``os.replace``: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
