@@ -20,7 +20,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detection.atomic import atomic_path, write_json_atomic
 from lightning_modules import builders as B
+from lightning_modules import checkpoints as CK
 from lightning_modules import hydra_callbacks as H
+from lightning_modules import loggers as LG
+from lightning_modules import outputs as OUT
 from lightning_modules.paths import CONF_DIR
 
 
@@ -86,7 +89,7 @@ def server_files(output_dir: str | Path, results: dict[str, list], split: str, n
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     name = results_name(cfg)
-    ckpt = B.load_checkpoint(cfg.ckpt_path)
+    ckpt = CK.load_checkpoint(cfg.ckpt_path)
     if "pyramidlab_config" not in ckpt:
         raise ValueError(f"{cfg.ckpt_path}: not a pyramidlab checkpoint (no stored config)")
     stored = OmegaConf.create(ckpt["pyramidlab_config"])
@@ -96,12 +99,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         # evaluation never steps the optimizer, and scaling would need the training devices
         model_cfg.optim.scale_lr = False
     data_cfg = eval_data_config(cfg, stored)
-    B.print_config(
+    OUT.print_config(
         OmegaConf.create({"ckpt_path": cfg.ckpt_path, "model": model_cfg, "data": data_cfg, "trainer": cfg.trainer}),
         "pyramidlab-eval",
     )
-    net = B.build_net(model_cfg)
-    B.load_net_state(net, ckpt["state_dict"], str(cfg.ckpt_path))
+    net = CK.build_net(model_cfg)
+    CK.load_net_state(net, ckpt["state_dict"], str(cfg.ckpt_path))
     if int(data_cfg.num_classes) != net.num_classes:
         raise ValueError(
             f"data.num_classes={data_cfg.num_classes} but the checkpoint's detector has {net.num_classes} classes"
@@ -109,37 +112,37 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     module = B.build_module(OmegaConf.merge(model_cfg, {"data": data_cfg}), net)  # checks eval.tta first
     datamodule = B.build_datamodule(tta_loader_data(data_cfg, cfg.eval.get("tta")), net.with_masks)
     module.evaluation.category_ids = ckpt.get("category_ids")
-    loggers = B.build_loggers(cfg, job_type="eval")
+    loggers = LG.build_loggers(cfg, job_type="eval")
     exit_code = 1
     try:
         trainer = B.build_trainer(cfg, callbacks=B.build_callbacks(cfg), loggers=loggers)
-        B.log_config(loggers, B.resolved_config(cfg))
+        LG.log_config(loggers, OUT.resolved_config(cfg))
         start = time.perf_counter()
         trainer.test(module, datamodule=datamodule, verbose=False)  # our table (percent) only
         test_s = time.perf_counter() - start
         if trainer.is_global_zero:
-            extra = {**B.params_entry(net), "test_seconds": round(test_s, 1), "checkpoint": str(cfg.ckpt_path)}
-            if info := B.wandb_info(loggers):
+            extra = {**OUT.params_entry(net), "test_seconds": round(test_s, 1), "checkpoint": str(cfg.ckpt_path)}
+            if info := LG.wandb_info(loggers):
                 extra["wandb"] = info
             split = data_cfg.get("test_split") or data_cfg.val_split
             if not module.evaluation.test_annotated:
                 server = server_files(cfg.paths.output_dir, module.evaluation.test_results, split, name)
                 extra["metrics"] = f"none: the {split} annotation file lists images only"
                 extra["server_files"] = {k: str(v) for k, v in server.items()}
-            paths = B.write_outputs(cfg.paths.output_dir, module, extra)
+            paths = OUT.write_outputs(cfg.paths.output_dir, module, extra)
             if module.evaluation.test_annotated:
-                B.report(module, paths, str(cfg.ckpt_path))
+                OUT.report(module, paths, str(cfg.ckpt_path))
             else:
-                B.console.print(
+                OUT.console.print(
                     f"No metrics: the {split} annotation file lists images only, and no metrics can be computed "
                     "without annotations; upload the zip(s) below to the COCO evaluation server."
                 )
                 for key, p in {**paths, **server}.items():
-                    B.console.print(f"{key + ':':<18}{p}")
+                    OUT.console.print(f"{key + ':':<18}{p}")
         exit_code = 0
         return dict(module.evaluation.test_metrics)
     finally:
-        B.finish_loggers(loggers, exit_code=exit_code)
+        LG.finish_loggers(loggers, exit_code=exit_code)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")

@@ -100,7 +100,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     from detection.atomic import write_json_atomic
-    from lightning_modules import builders as B
+    from lightning_modules import outputs as OUT
     from lightning_modules.predict import load_detector
 
     fmt = str(cfg.format)
@@ -164,7 +164,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     write_json_atomic(out_dir / "export.json", record)
     ok = (check["max_score_diff"] is not None and check["max_score_diff"] <= float(cfg.atol)
           and check["matched"] >= float(cfg.min_matched))
-    B.console.print(f"{fmt}: {path} ({path.stat().st_size / 1e6:.1f} MB); check on a "
+    OUT.console.print(f"{fmt}: {path} ({path.stat().st_size / 1e6:.1f} MB); check on a "
                     f"{image.shape[-2]}x{image.shape[-1]} image: {check['detections_exported']} detections, "
                     f"max score difference {check['max_score_diff']}, matched {check['matched']:.2f}")
     if not ok:

@@ -1,16 +1,27 @@
-"""Loggers that keep a resumed run's history (Lightning's CSVLogger deletes it)."""
+"""The run's loggers: built from ``cfg.logger`` (W&B runs named and grouped per sweep job), and a CSV
+logger that keeps a resumed run's history (Lightning's CSVLogger deletes it)."""
 
 from __future__ import annotations
 
 import csv
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
-from lightning.pytorch.loggers import CSVLogger
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from omegaconf import DictConfig
 
 from detection.atomic import atomic_path
 
-__all__ = ["ResumableCSVLogger"]
+__all__ = ["ResumableCSVLogger", "build_loggers", "finish_loggers", "log_config", "wandb_info", "wandb_mode"]
+
+log = logging.getLogger("pyramidlab")
 
 
 def _step(row: dict[str, str]) -> float:
@@ -71,3 +82,98 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _KeepingWriter(log_dir=self.log_dir)
         return self._experiment  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------ building them from the config
+def wandb_api_key_configured() -> bool:
+    """An API key in ``WANDB_API_KEY`` or in ``~/.netrc`` (what ``wandb login`` writes) for the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(configured: str | None) -> str | None:
+    """The run's mode: the config's, else ``WANDB_MODE``'s (None: let wandb read it), else by API key.
+
+    Passed to ``wandb.init`` per run, never through the environment: ``WandbLogger(offline=True)``
+    sets ``WANDB_MODE`` for the whole process, which later jobs of a multirun inherit.
+    """
+    if configured:
+        if configured not in ("online", "offline", "disabled"):
+            raise ValueError(f"logger.wandb.mode={configured}: expected online, offline, disabled or null")
+        return configured
+    if os.environ.get("WANDB_MODE"):
+        return None
+    if wandb_api_key_configured():
+        return "online"
+    log.warning("W&B: no API key (WANDB_API_KEY or `wandb login`): logging offline; upload later with "
+                "`wandb sync <run dir>/wandb/offline-run-*`")
+    return "offline"
+
+
+def _wandb_kwargs(c: DictConfig, cfg: DictConfig, job_type: str | None) -> dict[str, Any]:
+    """Run identity for a WandbLogger node: defaults that depend on where the job runs."""
+    from lightning_modules.hydra_callbacks import current_sweep_id
+
+    sweep = current_sweep_id()
+    output_dir = cfg.get("paths", {}).get("output_dir")
+    return {
+        # one run per job, named like its folder; all jobs of a sweep share its id as group
+        "name": c.get("name") or (Path(output_dir).name if output_dir else None),
+        "group": c.get("group") or sweep,
+        "job_type": job_type or c.get("job_type"),
+        "mode": wandb_mode(c.get("mode")),
+    }
+
+
+def build_loggers(cfg: DictConfig, job_type: str | None = None) -> list[Logger]:
+    """The loggers of ``cfg.logger``; ``job_type`` (the stage: train, eval, srfgan_stage1, ...) wins over the config's."""
+    node = cfg.get("logger") or {}
+    loggers: list[Logger] = []
+    for c in node.values():
+        if c is None or "_target_" not in c:
+            continue
+        if str(c._target_).endswith("WandbLogger"):
+            loggers.append(instantiate(c, **_wandb_kwargs(c, cfg, job_type)))
+        else:
+            loggers.append(instantiate(c))
+    return loggers
+
+
+def wandb_info(loggers: list[Logger]) -> dict[str, Any] | None:
+    """Where this job's W&B run lives (recorded in ``metrics.json`` for the sweep report); rank 0 only."""
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            run = lg.experiment
+            if not hasattr(run, "project"):  # rank > 0: a dummy experiment
+                return None
+            return {
+                "project": run.project,
+                "entity": run.entity or None,
+                "group": run.group or None,
+                "job_type": run.job_type,
+                "id": run.id,
+                "name": run.name,
+                "mode": "offline" if run.offline else "online",
+                "dir": str(run.dir),
+            }
+    return None
+
+
+def log_config(loggers: list[Logger], cfg: dict) -> None:
+    for lg in loggers:
+        lg.log_hyperparams(cfg)
+
+
+def finish_loggers(loggers: list[Logger], exit_code: int = 0) -> None:
+    """End each W&B run so the next job of a multirun gets its own (wandb keeps one run per process otherwise); exit_code 1 marks it failed."""
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish(exit_code=exit_code)

@@ -71,9 +71,9 @@ def load_detector(
         overrides: ``detector.<key>`` values replacing the stored ones before the build
             (e.g. ``{"score_thresh": 0.0}``).
     """
-    from lightning_modules import builders as B
+    from lightning_modules import checkpoints as CK
 
-    ckpt = B.load_checkpoint(ckpt_path)
+    ckpt = CK.load_checkpoint(ckpt_path)
     if "pyramidlab_config" not in ckpt:
         raise ValueError(f"{ckpt_path}: not a pyramidlab checkpoint (no stored config)")
     stored = OmegaConf.create(ckpt["pyramidlab_config"])
@@ -87,8 +87,8 @@ def load_detector(
             model_cfg.backbone.weights_path = None
         for k, v in (overrides or {}).items():
             model_cfg.detector[k] = v
-    net = B.build_net(model_cfg)
-    B.load_net_state(net, ckpt["state_dict"], str(ckpt_path))
+    net = CK.build_net(model_cfg)
+    CK.load_net_state(net, ckpt["state_dict"], str(ckpt_path))
     net.eval().to(device)
     ids = ckpt.get("category_ids") or list(range(net.num_classes))
     return LoadedDetector(net, stored, [int(i) for i in ids], class_names_of(stored, ids))
@@ -145,7 +145,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
     from detection.atomic import write_json_atomic
     from detection.evaluation import coco_results
-    from lightning_modules import builders as B
+    from lightning_modules import outputs as OUT
     from lightning_modules.visualize import draw_detections
 
     threshold = float(cfg.score_threshold)
@@ -157,7 +157,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={cfg.device}: no CUDA device is visible; use device=cpu")
-    B.print_config(OmegaConf.create({k: cfg[k] for k in cfg if k not in ("paths",)}), "pyramidlab-predict")
+    OUT.print_config(OmegaConf.create({k: cfg[k] for k in cfg if k not in ("paths",)}), "pyramidlab-predict")
     # the model's own score filter must not hide what the user asked to see
     loaded = load_detector(cfg.ckpt_path, device, {"score_thresh": threshold,
                                                    "detections_per_img": int(cfg.max_detections)})
@@ -196,9 +196,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     }
     if with_masks:
         paths["detections_segm"] = write_json_atomic(out / "detections_segm.json", segm)
-    B.console.print(f"{len(files)} images, {counts} detections with score >= {threshold:g}")
+    OUT.console.print(f"{len(files)} images, {counts} detections with score >= {threshold:g}")
     for key, p in paths.items():
-        B.console.print(f"{key + ':':<18}{p}")
+        OUT.console.print(f"{key + ':':<18}{p}")
     return paths
 
 

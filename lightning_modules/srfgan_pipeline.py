@@ -34,6 +34,7 @@ from detection.atomic import atomic_path, write_json_atomic
 from detection.detectors import Detector, count_parameters
 from lightning_modules import builders as B
 from lightning_modules import hydra_callbacks as H
+from lightning_modules import outputs as OUT
 from lightning_modules import srfgan_module as S
 from lightning_modules import train as T
 from lightning_modules.checkpoints import build_net, load_checkpoint, net_from_checkpoint
@@ -240,7 +241,7 @@ def build_stage1_module(cfg: DictConfig, target_ckpt: str | Path) -> S.SRFGANMod
         adv_weight=float(srf.adv_weight), degradation=str(srf.degradation), scale=float(srf.scale),
         gradient_clip=srf.get("gradient_clip"), source=str(target_ckpt),
     )
-    module.run_config = B.resolved_config(cfg)
+    module.run_config = OUT.resolved_config(cfg)
     return module
 
 
@@ -274,7 +275,7 @@ def build_stage2_module(cfg: DictConfig, target_ckpt: str | Path, stage1_ckpt: s
         log.info(f"stage 2: L_SRF compares the levels M and F share, strides {[p[0] for p in module.pairs]}; "
                  f"M's strides {[s for s in module.strides if s not in [p[0] for p in module.pairs]]} have no "
                  f"level in F (strides {module.target.strides})")
-    module.run_config = B.resolved_config(cfg)
+    module.run_config = OUT.resolved_config(cfg)
     return module
 
 
@@ -328,7 +329,7 @@ def run_stage(
     pyramidlab-train's loop; save ``final.ckpt`` and record the stage in ``stage.json``."""
     folder = Path(cfg.paths.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    B.print_config(cfg, f"pyramidlab-srfgan: {name}")
+    OUT.print_config(cfg, f"pyramidlab-srfgan: {name}")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -405,7 +406,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict[str, Any]]:
             scfg = stage_config(with_neck_upsample(base, "nearest"), where[0], "stage0")
             net = build_net(scfg)
             return run_stage("stage 0 (target network F, A1)", scfg, B.build_module(scfg, net), net.with_masks,
-                             B.params_entry(net), bool(cfg.test), "srfgan_stage0")
+                             OUT.params_entry(net), bool(cfg.test), "srfgan_stage0")
         stage(where[0], stage0)
 
     if 1 in stages:
@@ -428,7 +429,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict[str, Any]]:
             scfg = gan_trainer_config(stage_config(base, where[2], "stage2"), "val/bbox/AP", "max")
             module = build_stage2_module(scfg, ckpt(0), ckpt(1))
             return run_stage("stage 2 (SRF extractor, A3)", scfg, module, module.net.with_masks,
-                             B.params_entry(module.net), bool(cfg.test), "srfgan_stage2")
+                             OUT.params_entry(module.net), bool(cfg.test), "srfgan_stage2")
         stage(where[2], stage2)
 
     if 3 in stages:
@@ -445,7 +446,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict[str, Any]]:
                 net = build_net(scfg)
                 info = prepare_target_net(net, reuse=reuse, checkpoint=source, freeze=freeze)
                 return run_stage(f"stage 3 (target detector, {variant})", scfg, B.build_module(scfg, net),
-                                 net.with_masks, {**B.params_entry(net), "transfer": info}, bool(cfg.test),
+                                 net.with_masks, {**OUT.params_entry(net), "transfer": info}, bool(cfg.test),
                                  "srfgan_stage3")
             stage(run_dir / f"stage3_{variant}", stage3)
 
@@ -492,7 +493,7 @@ def headline_metrics(cfg: DictConfig, rows: list[dict[str, Any]]) -> dict[str, A
 
 
 def srfgan(cfg: DictConfig) -> dict[str, Any]:
-    B.print_config(cfg, "pyramidlab-srfgan")
+    OUT.print_config(cfg, "pyramidlab-srfgan")
     results = run_pipeline(cfg)
     rows = report_rows(results)
     if not H.is_rank_zero():  # a DDP child re-runs this function: one report
@@ -508,7 +509,7 @@ def srfgan(cfg: DictConfig) -> dict[str, Any]:
                          columns=["variant", "description"], notes=notes,
                          baseline=cfg.get("report_baseline"), baseline_key="report_baseline")
     write_json_atomic(run_dir / "metrics.json", headline_metrics(cfg, rows))
-    B.console.print(f"report: {files.md} (+ {files.csv.name}, {files.png.name if files.png else 'no plot'})")
+    OUT.console.print(f"report: {files.md} (+ {files.csv.name}, {files.png.name if files.png else 'no plot'})")
     return {r["variant"]: r.get("bbox/AP") for r in rows}
 
 

@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from detection.detectors import parameter_summary
-from lightning_modules.builders import build_net
+from lightning_modules.checkpoints import build_net
 from lightning_modules.config_checks import resolve_num_classes
 from lightning_modules.paths import CONF_DIR
 

@@ -14,7 +14,10 @@ from omegaconf import DictConfig
 
 from detection.atomic import write_json_atomic
 from lightning_modules import builders as B
+from lightning_modules import checkpoints as CK
 from lightning_modules import hydra_callbacks as H
+from lightning_modules import loggers as LG
+from lightning_modules import outputs as OUT
 from lightning_modules.callbacks import check_resume
 from lightning_modules.config_checks import resolve_num_classes
 from lightning_modules.paths import CONF_DIR
@@ -65,15 +68,15 @@ def fit_and_test(
     checkpoint file. Loggers are finished in every case, a failed run's W&B run marked failed.
     """
     output_dir = cfg.paths.output_dir
-    resolved = B.resolved_config(cfg)
+    resolved = OUT.resolved_config(cfg)
     # stored in every checkpoint (pyramidlab_config): pyramidlab-eval and later SRF stages rebuild from it
     module.run_config = resolved
     callbacks = B.build_callbacks(cfg)
-    loggers = B.build_loggers(cfg, job_type=job_type)
+    loggers = LG.build_loggers(cfg, job_type=job_type)
     exit_code = 1  # until the run completes: a failed job's W&B run is marked failed
     try:
         trainer = B.build_trainer(cfg, callbacks, loggers)
-        B.log_config(loggers, resolved)
+        LG.log_config(loggers, resolved)
         start = time.perf_counter()
         if resume:
             check_resume(module, resume)  # one line naming the file and the mismatching parts
@@ -82,7 +85,7 @@ def fit_and_test(
         extra.update(getattr(datamodule, "data_counts", dict)())  # data/skipped_images, data/dropped_boxes
         if after_fit is not None:
             extra.update(after_fit(trainer))
-        if trainer.is_global_zero and (info := B.wandb_info(loggers)):
+        if trainer.is_global_zero and (info := LG.wandb_info(loggers)):
             extra["wandb"] = info  # where the sweep report logs its table
         cb = trainer.checkpoint_callback
         best = cb.best_model_path if cb is not None else ""
@@ -107,12 +110,12 @@ def fit_and_test(
             extra.update(getattr(datamodule, "data_counts", dict)())  # now with the test split's
             metrics = {k: float(v) for k, v in module.evaluation.test_metrics.items()}
             if trainer.is_global_zero:
-                paths = B.write_outputs(output_dir, module, extra)
-                B.report(module, paths, extra["checkpoint"])
+                paths = OUT.write_outputs(output_dir, module, extra)
+                OUT.report(module, paths, extra["checkpoint"])
         exit_code = 0
         return FitResult(trainer, best, metrics, extra)
     finally:
-        B.finish_loggers(loggers, exit_code=exit_code)
+        LG.finish_loggers(loggers, exit_code=exit_code)
 
 
 def _test_split(datamodule: L.LightningDataModule) -> str | None:
@@ -126,17 +129,17 @@ def train(cfg: DictConfig, job_type: str = "train") -> dict[str, float]:
     With ``test=false`` it returns the best validation ``val/bbox/AP`` instead (when a
     checkpoint callback monitors it). Rank 0 writes ``metrics.json`` in both cases.
     """
-    B.print_config(cfg, "pyramidlab-train")
+    OUT.print_config(cfg, "pyramidlab-train")
     if cfg.get("seed") is not None:  # `if cfg.seed` would skip seed=0
         L.seed_everything(cfg.seed, workers=True)
     resume = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
     resolve_num_classes(cfg.data)  # data.num_classes: null -> the annotation file's (the CLI did it already)
-    net = B.build_net(cfg)
+    net = CK.build_net(cfg)
     datamodule = B.build_datamodule(cfg.data, net.with_masks)
     module = B.build_module(cfg, net)
     test = bool(cfg.get("test"))
     result = fit_and_test(
-        cfg, module, datamodule, job_type=job_type, test=test, extra=B.params_entry(net), resume=resume
+        cfg, module, datamodule, job_type=job_type, test=test, extra=OUT.params_entry(net), resume=resume
     )
     if test:
         return result.metrics

@@ -157,12 +157,12 @@ def test_fast_dev_run(tmp_path, shapes_root, detector, neck):
 def test_every_neck_trains_one_step_and_predicts(tmp_path, detector, neck):
     """The necks the fdr runs do not cover (each once, detectors alternating to keep the suite fast):
     one loss + backward, then one prediction (no data needed)."""
-    from lightning_modules import builders as B
+    from lightning_modules import checkpoints as CK
 
     over = TINY + [f"detector={detector}", "detector.mask_head_channels=8"] + small_neck(neck)
     if "srf" in neck:
         over += ["neck.generator.num_blocks=1", "neck.generator.mid_channels=8"]
-    net = B.build_net(compose_cfg("train", over, tmp_path))
+    net = CK.build_net(compose_cfg("train", over, tmp_path))
     img = torch.rand(3, 160, 160)  # P7 2x2 for centermask's GroupNorm(32) head
     tgt = {"boxes": torch.tensor([[10.0, 20.0, 90.0, 120.0]]), "labels": torch.tensor([1]),
            "masks": torch.zeros(1, 160, 160, dtype=torch.uint8)}

@@ -8,6 +8,8 @@ import pytest
 from hydra.utils import instantiate
 
 from lightning_modules import builders as B
+from lightning_modules import checkpoints as CK
+from lightning_modules import loggers as LG
 from tests.conftest import CONF_DIR, TINY, compose_cfg
 
 GROUPS = ["data", "detector", "backbone", "neck", "optim", "trainer", "logger", "callbacks", "debug", "experiment"]
@@ -26,12 +28,12 @@ def test_every_option_composes(tmp_path, group, option):
     assert group in ("debug", "experiment") or cfg[group] is not None
     # resnext101: slow to build; timm: needs backbone.model_name (built in tests/test_timm.py)
     if group in ("detector", "neck") or (group == "backbone" and option not in ("resnext101", "timm")):
-        net = B.build_net(cfg)
+        net = CK.build_net(cfg)
         assert net.num_classes == cfg.data.num_classes
     if group == "optim":
-        B.build_module(cfg, B.build_net(compose_cfg("train", TINY + over, tmp_path)))
+        B.build_module(cfg, CK.build_net(compose_cfg("train", TINY + over, tmp_path)))
     if group in ("callbacks", "logger"):
-        assert all(c is not None for c in (B.build_callbacks(cfg) if group == "callbacks" else B.build_loggers(cfg)))
+        assert all(c is not None for c in (B.build_callbacks(cfg) if group == "callbacks" else LG.build_loggers(cfg)))
     if group == "trainer" and option in ("cpu", "ddp_cpu", "default"):
         assert B.build_trainer(cfg, [], []).num_devices == (2 if option == "ddp_cpu" else 1)
 

@@ -697,7 +697,7 @@ def test_test_step_metrics_equal_pycocotools_on_detections_files(tmp_path):
 
     import lightning as L
 
-    from lightning_modules import builders
+    from lightning_modules import outputs
     from lightning_modules.datamodule import DetectionDataModule
     from lightning_modules.detection_module import DetectionModule
 
@@ -708,7 +708,7 @@ def test_test_step_metrics_equal_pycocotools_on_detections_files(tmp_path):
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.test(module, datamodule=dm, verbose=False)
-    paths = builders.write_outputs(tmp_path / "out", module, {})
+    paths = outputs.write_outputs(tmp_path / "out", module, {})
     saved = json.loads(paths["metrics"].read_text())
     for t in ("bbox", "segm"):
         ref = evaluate_results_with_pycocotools(ann_file, paths[f"detections_{t}"], t)

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from detection.detectors import count_parameters
-from lightning_modules import builders as B
+from lightning_modules import checkpoints as CK
 from tests.conftest import CONF_DIR, SHAPES_GEN, compose_cfg
 
 
@@ -41,7 +41,7 @@ def test_table1_rows_in_paper_order_and_parts(tmp_path):
     for row, (cr, gf) in zip(table, flags):
         cfg = compose_cfg("train", ["experiment=smsl/table1", *row], tmp_path)
         assert cfg.detector.name == "retinanet" and cfg.neck.channel_rescaling == cr and cfg.neck.global_feature == gf
-        params[cr, gf] = count_parameters(B.build_net(cfg).backbone.neck)
+        params[cr, gf] = count_parameters(CK.build_net(cfg).backbone.neck)
     # each component adds its own parameters, independently of the other
     assert params[True, True] - params[False, True] == params[True, False] - params[False, False] > 0
     assert params[True, True] - params[True, False] == params[False, True] - params[False, False] > 0
@@ -71,11 +71,11 @@ def test_presets_default_to_the_cpu_recipe_and_recipe_paper_restores_the_papers(
 
 def test_smsl_pyramid_width_is_set_once(tmp_path):
     cfg = compose_cfg("train", ["neck=smsl_pafpn", "neck.out_channels=48", "backbone=resnet18"], tmp_path)
-    assert B.build_net(cfg).backbone.out_channels == 48
+    assert CK.build_net(cfg).backbone.out_channels == 48
     # the base has no width of its own in the config (one source: neck.out_channels); forcing one is an error
     bad = compose_cfg("train", ["neck=smsl_fpn", "+neck.base.out_channels=32", "backbone=resnet18"], tmp_path)
     with pytest.raises(Exception, match=r"neck.out_channels=256 but the base neck has out_channels=32"):
-        B.build_net(bad)
+        CK.build_net(bad)
 
 
 def test_table1_multirun_writes_one_metrics_file_per_row(tmp_path, shapes_root):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from detection.detectors import count_parameters
-from lightning_modules import builders as B
+from lightning_modules import checkpoints as CK
 from lightning_modules.summary import summarize
 from lightning_modules.train import train
 from smsl import SMSLNeck
@@ -33,7 +33,7 @@ def test_parameters_are_fpn_plus_smsl_plus_generator(tmp_path):
 
 def test_generator_upsamples_inside_fpn_and_smsl_follows(tmp_path):
     cfg = compose_cfg("train", TINY + small_neck("smsl_srf_fpn") + SMALL_G, tmp_path)
-    net = B.build_net(cfg)
+    net = CK.build_net(cfg)
     neck = net.backbone.neck
     gen = generator_of(net)
     assert isinstance(neck.base, SMSLNeck) and neck.generator is gen and neck.base.base.upsample is gen
@@ -49,7 +49,7 @@ def test_generator_upsamples_inside_fpn_and_smsl_follows(tmp_path):
 
 def test_stage3_reuses_a_stage1_generator(tmp_path):
     """``reuse=G``: stage 1's generator state (keys ``generator.*``) lands in the composed neck's G."""
-    net = B.build_net(compose_cfg("train", TINY + small_neck("smsl_srf_fpn") + SMALL_G, tmp_path))
+    net = CK.build_net(compose_cfg("train", TINY + small_neck("smsl_srf_fpn") + SMALL_G, tmp_path))
     g1 = Generator(32, num_blocks=1, mid_channels=16)
     state = {f"generator.{k}": v + 1.0 for k, v in g1.state_dict().items() if v.is_floating_point()}
     state.update({f"generator.{k}": v for k, v in g1.state_dict().items() if not v.is_floating_point()})

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from detection.backbones import ResNetBody
 from detection.detectors import build_detector
 from detection.necks import FPN, PAFPN
-from lightning_modules import builders as B
+from lightning_modules import checkpoints as CK
+from lightning_modules import outputs as OUT
 from lightning_modules import srfgan_module as SM
 from lightning_modules.checkpoints import build_net as build_detector_from_config
 from lightning_modules.checkpoints import load_checkpoint
@@ -258,14 +259,14 @@ def test_fast_dev_run_srf_necks_through_pyramidlab_train(tmp_path, shapes_root, 
     over = TINY + detector_overrides(detector) + srf_overrides(neck) + ["debug=fdr", "data.min_size=64", "data.max_size=80"]
     cfg = compose_cfg("train", over, tmp_path, shapes_root)
     calls = []
-    build_net = B.build_net
+    build_net = CK.build_net
 
     def spy_build(c):
         net = build_net(c)
         generator_of(net).register_forward_hook(lambda m, i, o: calls.append(tuple(o.shape)))
         return net
 
-    monkeypatch.setattr(B, "build_net", spy_build)
+    monkeypatch.setattr(CK, "build_net", spy_build)
     metrics = train(cfg)
     assert 0.0 <= metrics["bbox/AP"] <= 1.0 and ("segm/AP" in metrics) == (detector == "mask_rcnn")
     steps = 3 if "rcnn" in detector else 2  # top-down x2 steps: P5->P4->P3(->P2)
@@ -425,7 +426,7 @@ def test_nan_loss_stops_stage_with_a_named_message_and_keeps_the_checkpoint(tmp_
 def _stage0_checkpoint(cfg, path: Path) -> Path:
     """A stage-0 checkpoint as pyramidlab-train writes it (``net.*`` weights + the resolved config),
     without spending a training run on it (pyramidlab-srfgan's own tests train stage 0 for real)."""
-    resolved = B.resolved_config(cfg)
+    resolved = OUT.resolved_config(cfg)
     net = build_detector_from_config(resolved)
     torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "pyramidlab_config": resolved,
                 "epoch": 0, "global_step": 1}, path)

@@ -26,7 +26,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lightning_modules import builders as B
+from lightning_modules import checkpoints as CK
 from lightning_modules import hydra_callbacks as H
+from lightning_modules import optim as OPT
 from lightning_modules import report as R
 from lightning_modules import train as T
 from tests.conftest import CONF_DIR, TINY, compose_cfg
@@ -407,7 +409,7 @@ def test_resume_mid_epoch_reaches_the_same_weights(tmp_path, shapes_root, monkey
     straight = run(tmp_path / "straight")
     with pytest.raises(RuntimeError, match="killed at step 3"):
         run(tmp_path / "resumed", StopAtStep(3))
-    stopped = B.load_checkpoint(tmp_path / "resumed" / "out" / "checkpoints" / "last.ckpt")
+    stopped = CK.load_checkpoint(tmp_path / "resumed" / "out" / "checkpoints" / "last.ckpt")
     # epoch 1, one of its two batches done: a mid-epoch resume point
     assert stopped["global_step"] == 3 and stopped["epoch"] == 1
     (loader_state,) = stopped["loops"]["fit_loop"]["state_dict"]["combined_loader"]
@@ -432,7 +434,7 @@ def test_resume_mid_epoch_reaches_the_same_weights(tmp_path, shapes_root, monkey
 def test_scale_lr_is_linear_in_the_total_batch(tmp_path):
     def lr(*over: str) -> float:
         cfg = compose_cfg("train", ["optim=sgd", *over], tmp_path)
-        return B.build_optimizer(cfg).keywords["lr"]
+        return OPT.build_optimizer(cfg).keywords["lr"]
 
     assert lr("optim.scale_lr=false") == 0.01 and lr("optim.scale_lr=false", "trainer=ddp_cpu") == 0.01
     assert lr() == pytest.approx(0.01 * 4 / 16)  # recipe=paper (the default) scales: 4 images per step
@@ -444,7 +446,7 @@ def test_scale_lr_is_linear_in_the_total_batch(tmp_path):
         lr("optim.scale_lr=true", "trainer.devices=-1")
     # the module built from the config trains with the scaled rate
     cfg = compose_cfg("train", TINY + ["optim.scale_lr=true", "data.batch_size=8"], tmp_path)
-    assert B.build_module(cfg, B.build_net(cfg)).optimizer_factory.keywords["lr"] == pytest.approx(0.005)
+    assert B.build_module(cfg, CK.build_net(cfg)).optimizer_factory.keywords["lr"] == pytest.approx(0.005)
 
 
 # ------------------------------------------------------------------ clusters, launchers

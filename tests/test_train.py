@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lightning_modules import builders as B
+from lightning_modules import checkpoints as CK
 from lightning_modules.evaluate import evaluate
 from lightning_modules.train import train
 from tests.coco_fixture import _make_coco
@@ -92,18 +93,18 @@ def test_train_then_eval_on_edge_case_coco(coco_run):
 
 def test_checkpoint_from_another_architecture_is_named(coco_run):
     tmp, _, cfg, _ = coco_run
-    ckpt = B.load_checkpoint(tmp / "out" / "checkpoints" / "last.ckpt")
+    ckpt = CK.load_checkpoint(tmp / "out" / "checkpoints" / "last.ckpt")
     other = compose_cfg("train", TINY + ["detector=mask_rcnn", "detector.mask_head_channels=16", "neck=pafpn",
                                          "neck.out_channels=32", "data.num_classes=3"], tmp / "other")
-    net = B.build_net(other)
+    net = CK.build_net(other)
     with pytest.raises(ValueError, match="downsample_convs"):
-        B.load_net_state(net, ckpt["state_dict"], "last.ckpt")
+        CK.load_net_state(net, ckpt["state_dict"], "last.ckpt")
 
 
 def test_resume_continues_from_last_checkpoint(coco_run):
     tmp, root, cfg, _ = coco_run
     last = tmp / "out" / "checkpoints" / "last.ckpt"
-    before = B.load_checkpoint(last)
+    before = CK.load_checkpoint(last)
     over = TINY + detector_overrides("mask_rcnn") + small_neck("fpn") + [
         "data=coco", "data.num_classes=3", "data.train_split=s", "data.val_split=s", "data.min_size=64",
         "data.max_size=96", "trainer.max_epochs=3", "optim=adamw", "optim.scheduler.warmup_iters=2",
@@ -111,7 +112,7 @@ def test_resume_continues_from_last_checkpoint(coco_run):
     ]
     rcfg = compose_cfg("train", over, tmp / "resumed", root)
     train(rcfg)
-    after = B.load_checkpoint(tmp / "resumed" / "out" / "checkpoints" / "last.ckpt")
+    after = CK.load_checkpoint(tmp / "resumed" / "out" / "checkpoints" / "last.ckpt")
     assert before["epoch"] == 1 and after["epoch"] == 2
     assert after["global_step"] == before["global_step"] * 3 // 2
 
@@ -119,7 +120,7 @@ def test_resume_continues_from_last_checkpoint(coco_run):
 def test_bad_values_name_their_key(tmp_path, shapes_root):
     cfg = compose_cfg("train", TINY + ["optim.optimizer.lr=-0.1"], tmp_path, shapes_root)
     with pytest.raises(ValueError, match=r"optim.optimizer.lr=-0.1"):
-        B.build_module(cfg, B.build_net(cfg))
+        B.build_module(cfg, CK.build_net(cfg))
     cfg = compose_cfg("train", TINY + ["trainer.precision=16-mixed"], tmp_path, shapes_root)
     with pytest.raises(ValueError, match="16-mixed"):
         B.build_trainer(cfg, [], [])
@@ -230,7 +231,7 @@ def test_frozen_stages_and_norm_eval_hold_under_the_trainer(tmp_path, shapes_roo
         cfg = compose_cfg("train", TINY + ["backbone.frozen_stages=1", f"backbone.norm_eval={norm_eval}",
                                            "+trainer.max_steps=1", "trainer.limit_val_batches=1",
                                            "trainer.num_sanity_val_steps=1"], tmp_path / key, shapes_root)
-        net = B.build_net(cfg)
+        net = CK.build_net(cfg)
         trainer = B.build_trainer(cfg, [Modes()], [])
         trainer.fit(B.build_module(cfg, net), datamodule=B.build_datamodule(cfg.data, net.with_masks))
     # ResNet-18: stem bn1 + 2 blocks x 2 BNs in layer1 = 5 frozen BNs, then 3 stages x (4 + 1 downsample)

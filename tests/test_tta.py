@@ -13,6 +13,7 @@ import torch
 from detection.data.coco import build_transforms
 from detection.tta import TTAView, merge_views, resized_size, tta_views, unflip, view_image
 from lightning_modules import builders as B
+from lightning_modules import checkpoints as CK
 from lightning_modules.detection_eval import merge_rank_results
 from lightning_modules.evaluate import evaluate
 from lightning_modules.train import train
@@ -99,7 +100,7 @@ def test_view_sizes_are_the_loaders(hw):
 
 
 def test_bad_tta_settings_name_their_key(tmp_path, shapes_root):
-    net = B.build_net(compose_cfg("train", TINY + small_neck("fpn"), tmp_path, shapes_root))
+    net = CK.build_net(compose_cfg("train", TINY + small_neck("fpn"), tmp_path, shapes_root))
     for over, msg in (
         (["eval.tta.scales=[96,-2]"], "eval.tta.scales"),
         (["eval.tta.flip=true", "eval.tta.iou_threshold=0"], "eval.tta.iou_threshold"),

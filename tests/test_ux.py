@@ -9,7 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lightning_modules import builders as B
+from lightning_modules import checkpoints as CK
+from lightning_modules import outputs as OUT
 from tests.conftest import TINY, compose_cfg, small_neck
 
 SHAPES_IDS = [1, 2, 3, 5, 7, 8, 11, 13]
@@ -19,10 +20,10 @@ def save_detector_checkpoint(tmp: Path, shapes_root: Path, overrides: list[str])
     """A pyramidlab checkpoint of an untrained tiny detector (what training stores: net.*, config, ids)."""
     cfg = compose_cfg("train", TINY + small_neck("fpn") + overrides, tmp, shapes_root)
     torch.manual_seed(0)
-    net = B.build_net(cfg)
+    net = CK.build_net(cfg)
     path = tmp / "tiny.ckpt"
     torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
-                "pyramidlab_config": B.resolved_config(cfg), "category_ids": SHAPES_IDS}, path)
+                "pyramidlab_config": OUT.resolved_config(cfg), "category_ids": SHAPES_IDS}, path)
     return path
 
 

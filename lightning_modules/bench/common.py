@@ -27,9 +27,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from detection.detectors import Detector
 from lightning_modules import builders as B
+from lightning_modules import outputs as OUT
 from lightning_modules.paths import CONF_DIR
 
-console = B.console
+console = OUT.console
 
 SECTIONS = ("necks", "framework", "data", "eval", "data_scale", "convergence")
 # Trainer precision -> autocast dtype of the plain loop and of the GPU latency rows.

@@ -1,10 +1,11 @@
 """The ``convergence`` section: does the framework train the model as well as a plain PyTorch loop?
 
-The model ``make train`` trains (the bench's top-level config: ``experiment=shapes_retinanet`` with
-whatever recipe it composes to) is trained twice per seed of ``bench.convergence.seeds``:
+The model of the bench's top-level config (``experiment=shapes_retinanet`` by default; add
+``experiment=shapes_fcos`` for the one ``make train`` trains) is trained twice per seed of
+``bench.convergence.seeds``:
 
 - ``lightning``: :class:`DetectionModule` under the Lightning Trainer, built by the builders
-  ``pyramidlab-train`` uses (``lightning_modules/builders.py``), with the configured callbacks and
+  ``pyramidlab-train`` uses (``builders.py``, ``loggers.py``), with the configured callbacks and
   loggers;
 - ``plain``: torchvision's ``references/detection/engine.py::train_one_epoch`` loop
   (:class:`~lightning_modules.bench.common.PlainStep`, the framework section's step);
@@ -36,6 +37,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detection.detectors import Detector
 from lightning_modules import builders as B
+from lightning_modules import checkpoints as CK
+from lightning_modules import loggers as LG
 from lightning_modules.bench.common import (
     PlainStep,
     _progress,
@@ -127,14 +130,14 @@ def lightning_arm(fcfg: DictConfig, net: Detector, dm: L.LightningDataModule, de
     """``pyramidlab-train``'s path: the builders' module, callbacks, loggers and Trainer; fit."""
     module = B.build_module(fcfg, net)
     probe = Probe(device)
-    loggers = B.build_loggers(fcfg)
+    loggers = LG.build_loggers(fcfg)
     trainer = B.build_trainer(fcfg, lightning_callbacks(fcfg) + [probe], loggers)
     L.seed_everything(seed, workers=True, verbose=False)  # the RNG state the plain arm starts from too
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=dm)
     finally:
-        B.finish_loggers(loggers)
+        LG.finish_loggers(loggers)
     sync(device)
     probe.result.total_s = time.perf_counter() - start
     if len(probe.result.losses) != fcfg.trainer.max_steps:
@@ -250,7 +253,7 @@ def run_convergence(cfg: DictConfig, b: DictConfig, device: torch.device) -> dic
     fcfg = None
     for i, seed in enumerate(c.seeds):
         L.seed_everything(seed, workers=True, verbose=False)
-        net = B.build_net(ccfg)
+        net = CK.build_net(ccfg)
         nets = {"lightning": net, "plain": copy.deepcopy(net)}  # the same initial weights for both arms
         if dm is None:
             dm = B.build_datamodule(ccfg.data, net.with_masks)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from detection.detectors import Detector, parameter_summary
 from detection.latency import interleaved_times, paired_ratio
-from lightning_modules import builders as B
+from lightning_modules import checkpoints as CK
 from lightning_modules.bench.common import AUTOCAST, FP32, _progress, _stats, model_config, sync
 
 
@@ -62,7 +62,7 @@ def run_necks(b: DictConfig, device: torch.device) -> dict[str, Any]:
         for d, n in pairs:
             progress.update(task, description=f"necks: build {d} + {n}")
             torch.manual_seed(b.seed)
-            net = B.build_net(model_config(b, d, n)).eval().to(device)
+            net = CK.build_net(model_config(b, d, n)).eval().to(device)
             s = parameter_summary(net)
             params[d, n] = {"params_trainable": s["params_trainable"], "params_total": s["params_total"]}
             for v in variants:

@@ -21,6 +21,8 @@ from omegaconf import DictConfig
 
 from detection.detectors import Detector
 from lightning_modules import builders as B
+from lightning_modules import checkpoints as CK
+from lightning_modules import loggers as LG
 from lightning_modules.bench.common import (
     FRAMEWORK_FILES,
     PlainStep,
@@ -89,13 +91,13 @@ class StepTimer(L.Callback):
 def lightning_round(fcfg: DictConfig, b: DictConfig, module: L.LightningModule, dm: L.LightningDataModule,
                     device: torch.device) -> RoundResult:
     timer = StepTimer(b.framework.warmup_steps, b.framework.steps, device)
-    loggers = B.build_loggers(fcfg)
+    loggers = LG.build_loggers(fcfg)
     trainer = B.build_trainer(fcfg, lightning_callbacks(fcfg) + [timer], loggers)
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=dm)
     finally:
-        B.finish_loggers(loggers)
+        LG.finish_loggers(loggers)
     timer.result.round_s = time.perf_counter() - start
     if not timer.result.seconds > 0:
         raise RuntimeError(f"the Lightning arm stopped after {timer.count} of {fcfg.trainer.max_steps} steps")
@@ -187,7 +189,7 @@ def _profiled(fn: Callable[[], RoundResult], steps: int, path: Path) -> dict[str
 def run_training(cfg: DictConfig, b: DictConfig, device: torch.device, arms: list[str]) -> dict[str, Any]:
     """Interleaved rounds of the requested arms (``lightning``, ``plain``, ``loader``); medians."""
     L.seed_everything(cfg.seed if cfg.get("seed") is not None else b.seed, workers=True)
-    net = B.build_net(cfg)
+    net = CK.build_net(cfg)
     plain_net = copy.deepcopy(net)  # the same initial weights for both arms
     dm = B.build_datamodule(cfg.data, net.with_masks)
     dm.prepare_data()
@@ -229,7 +231,7 @@ def framework_entry(train: dict[str, Any], b: DictConfig) -> dict[str, Any]:
     plain = [r.img_s for r in res["plain"]]
     lightning_img_s, plain_img_s = statistics.median(lit), statistics.median(plain)
     callbacks = [type(c).__name__ for c in lightning_callbacks(fcfg)]
-    loggers = [type(lg).__name__ for lg in B.build_loggers(fcfg)] if fcfg.get("logger") else []
+    loggers = [type(lg).__name__ for lg in LG.build_loggers(fcfg)] if fcfg.get("logger") else []
     entry = {
         "lightning_img_s": lightning_img_s,
         "plain_img_s": plain_img_s,
