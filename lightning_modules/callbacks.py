@@ -10,7 +10,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-from lightning_modules.compat import batches_that_stepped, restore_loader_states_mid_epoch, train_loaders
+from lightning_modules.compat import batches_that_stepped, restore_loader_states, train_loaders
 
 log = logging.getLogger("pyramidlab")
 
@@ -106,9 +106,10 @@ class RestoreTrainLoaderState(L.Callback):
     ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (ours: per-step
     schedules) runs ``setup_data`` during strategy setup, before the loops are restored,
     and the loader state is then never loaded: the resumed epoch would restart from its
-    first batch. At ``on_train_start`` the loops are restored; when the run restarts in the
-    middle of an epoch, the pending state is loaded and the loader iterator, made before it
-    arrived, is made again. ``build_trainer`` adds this callback to every trainer.
+    first batch, and a run resumed at an epoch end would lose the saved random state. At
+    ``on_train_start`` the loops are restored; when the run restarts inside an epoch or at its
+    end, the pending state is loaded and the loader iterator, made before it arrived, is made
+    again (``compat.restore_loader_states``). ``build_trainer`` adds this callback to every trainer.
 
     The other resume duties of every trainer live here too:
 
@@ -162,7 +163,7 @@ class RestoreTrainLoaderState(L.Callback):
             # an epoch cut short by limit_train_batches ends before the loader does: a checkpoint at its
             # last batch is an epoch end, not a resume point inside it
             dl._epoch_batches = trainer.num_training_batches
-        restore_loader_states_mid_epoch(trainer)
+        restore_loader_states(trainer)
         resuming, rows = bool(trainer.ckpt_path), self._csv_rows or {}
         for lg in self._csv_loggers(trainer):
             if not resuming:

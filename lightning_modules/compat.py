@@ -88,20 +88,37 @@ def train_loaders(trainer: Any) -> list:
     return list(getattr(fit_loop._combined_loader, "flattened", None) or [])
 
 
-def restore_loader_states_mid_epoch(trainer: Any) -> bool:
-    """Load the train loaders' saved positions when resuming inside an epoch; True if it did.
+def restore_loader_states(trainer: Any) -> str | None:
+    """Load the train loaders' saved state when resuming; ``"mid_epoch"``, ``"epoch_end"`` or None.
 
-    Lightning 2.6.6 restores a stateful DataLoader's state only after it has set the data up, and a
-    resumed mid-epoch run would otherwise replay the epoch's first batches: the fit loop's
-    ``_combined_loader_states_to_load`` / ``_load_combined_loader_states`` / ``_data_fetcher`` are the
-    only way to apply them before the first batch is drawn.
+    Lightning 2.6.6 applies a stateful DataLoader's state only in ``FitLoop.setup_data``, and only
+    while ``restarting``. Our per-step schedules read ``trainer.estimated_stepping_batches``, so the
+    data is set up (and its iterator made) before the loops are restored, and the state is never
+    applied: a run resumed inside an epoch would replay the epoch's first batches. A run resumed from
+    a checkpoint written at an epoch end (``RESTARTED_ON_EPOCH_END``, or ``RESUMED_ON_EPOCH_END``
+    where ``restarting`` is False) would lose the saved random state: its augmentations then differ
+    from the run that never stopped (found with a kill after the first batch of an epoch: the loss
+    differed from the third batch on). The fit loop's ``_combined_loader_states_to_load``,
+    ``_combined_loader`` and ``_data_fetcher`` are the only way to apply the states and make the
+    iterator again before the first batch is drawn. In both cases the loader's ``load_state_dict``
+    decides what the state means (``datamodule.ResumableDataLoader``); the new iterator draws the
+    workers' base seed after the restore, as the uninterrupted run's next ``iter()`` did.
     """
     fit_loop = trainer.fit_loop
-    for name in ("_combined_loader_states_to_load", "_load_combined_loader_states", "_data_fetcher"):
+    for name in ("_combined_loader_states_to_load", "_combined_loader", "_data_fetcher", "restarted_mid_epoch",
+                 "restarted_on_epoch_end", "resumed_on_epoch_end"):
         if not hasattr(fit_loop, name):
             raise _missing(f"fit_loop.{name}", "lightning 2.6.6")
-    if fit_loop.restarted_mid_epoch and fit_loop._combined_loader_states_to_load and fit_loop._data_fetcher is not None:
-        fit_loop._load_combined_loader_states()
-        iter(fit_loop._data_fetcher)
-        return True
-    return False
+    states = fit_loop._combined_loader_states_to_load
+    if not states or fit_loop._combined_loader is None or fit_loop._data_fetcher is None:
+        return None
+    if fit_loop.restarted_mid_epoch:
+        kind = "mid_epoch"
+    elif fit_loop.restarted_on_epoch_end or fit_loop.resumed_on_epoch_end:
+        kind = "epoch_end"
+    else:
+        return None
+    fit_loop._combined_loader._load_state_dicts(states)
+    fit_loop._combined_loader_states_to_load = []
+    iter(fit_loop._data_fetcher)
+    return kind
