@@ -41,6 +41,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from detection.atomic import atomic_path
 from lightning_modules.markdown import markdown_table
 
 log = logging.getLogger("pyramidlab")
@@ -588,7 +589,14 @@ def _plot(
     series = [m for m in ("bbox/AP", "segm/AP") if m in metrics] or ["bbox/AP"]
     n = len(stats)
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * n + 2), 4.5))
+    # one override per line under its column: long sweep keys stay readable and inside the figure;
+    # columns as wide as their longest line (7 pt: ~0.07 in a character), else slanted labels
+    labels = [_config_label(s.values, keys).replace(", ", "\n") for s in stats]
+    if diffs is not None:
+        labels = [f"{lab}\n[baseline]" if diffs.baseline[j] == j else lab for j, lab in enumerate(labels)]
+    column = max(1.1, 0.07 * max((len(line) for lab in labels for line in lab.split("\n")), default=0))
+    upright = column * n + 2 <= 16
+    fig, ax = plt.subplots(figsize=(max(6.0, (column if upright else 1.1) * n + 2), 4.5))
     span: list[float] = []  # every value drawn: means ± std and the seeds' points
     for i, m in enumerate(series):
         color = f"C{i}"
@@ -629,11 +637,8 @@ def _plot(
             if s.mean.get(m) is None and s.ok == 0:  # completed without this metric (no masks): nothing drawn
                 x = j + (i - (len(series) - 1) / 2) * width
                 ax.text(x, bottom, "failed", rotation=90, ha="center", va="bottom", color="red", fontsize=8)
-    labels = [_config_label(s.values, keys) for s in stats]
-    if diffs is not None:
-        labels = [f"{lab} [baseline]" if diffs.baseline[j] == j else lab for j, lab in enumerate(labels)]
     ax.set_xticks(range(n))
-    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_xticklabels(labels, fontsize=7, rotation=0 if upright else 30, ha="center" if upright else "right")
     ax.set_xlim(-0.6, n - 0.4)
     ax.set_ylabel("AP (%)")
     ax.set_title(title)
@@ -641,10 +646,9 @@ def _plot(
     if span:  # beside the axes: no point hidden (and no slow search for the "best" place)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight")  # the legend beside the axes included
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
