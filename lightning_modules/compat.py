@@ -88,8 +88,8 @@ def train_loaders(trainer: Any) -> list:
     return list(getattr(fit_loop._combined_loader, "flattened", None) or [])
 
 
-def restore_loader_states(trainer: Any) -> str | None:
-    """Load the train loaders' saved state when resuming; ``"mid_epoch"``, ``"epoch_end"`` or None.
+def restore_loader_states(trainer: Any) -> bool:
+    """Load the train loaders' saved state when resuming (inside an epoch or at its end); True if it did.
 
     Lightning 2.6.6 applies a stateful DataLoader's state only in ``FitLoop.setup_data``, and only
     while ``restarting``. Our per-step schedules read ``trainer.estimated_stepping_batches``, so the
@@ -110,15 +110,10 @@ def restore_loader_states(trainer: Any) -> str | None:
         if not hasattr(fit_loop, name):
             raise _missing(f"fit_loop.{name}", "lightning 2.6.6")
     states = fit_loop._combined_loader_states_to_load
-    if not states or fit_loop._combined_loader is None or fit_loop._data_fetcher is None:
-        return None
-    if fit_loop.restarted_mid_epoch:
-        kind = "mid_epoch"
-    elif fit_loop.restarted_on_epoch_end or fit_loop.resumed_on_epoch_end:
-        kind = "epoch_end"
-    else:
-        return None
+    resumed = fit_loop.restarted_mid_epoch or fit_loop.restarted_on_epoch_end or fit_loop.resumed_on_epoch_end
+    if not (states and resumed) or fit_loop._combined_loader is None or fit_loop._data_fetcher is None:
+        return False
     fit_loop._combined_loader._load_state_dicts(states)
     fit_loop._combined_loader_states_to_load = []
     iter(fit_loop._data_fetcher)
-    return kind
+    return True
