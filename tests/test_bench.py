@@ -22,6 +22,7 @@ TINY_BENCH = [
     "bench.backbone=resnet18",
     "bench.warmup=1",
     "bench.repeats=2",
+    "bench.neck_repeats=2",
     "bench.framework.rounds=2",
     "bench.framework.warmup_steps=1",
     "bench.framework.steps=2",
@@ -47,6 +48,8 @@ NECK_ROW = {"detector", "neck", "params_trainable", "params_total", "ms_median",
 # the ratio's spread across repeats: per-repeat ratios, quartiles, standard error of the median
 SPREAD = {"_repeats", "_q25", "_q75", "_sem"}
 EXTRA_ROW = {"detections"} | {"ratio_vs_fpn" + k for k in SPREAD}
+# the neck-isolated ratio: every neck alone on the same body features
+ISOLATED_ROW = {"neck_ms_median", "neck_extra_ms", "ratio_vs_fpn_neck", "ratio_vs_fpn_neck_sem"}
 CPU_ROW = {"cpu_ms_median", "ratio_vs_fpn_cpu"} | {"ratio_vs_fpn_cpu" + k for k in SPREAD}
 
 
@@ -69,12 +72,16 @@ def test_tiny_bench_writes_every_key(tiny_bench):
     assert set(rows) == {"fpn", "smsl_fpn"}
     on_cpu = saved["device"]["device"] == "cpu"
     for r in rows.values():
-        assert set(r) == NECK_ROW | EXTRA_ROW | (CPU_ROW if on_cpu else set()) and r["detector"] == "retinanet"
+        assert set(r) == NECK_ROW | EXTRA_ROW | ISOLATED_ROW | (CPU_ROW if on_cpu else set())
+        assert r["detector"] == "retinanet" and r["neck_ms_median"] > 0 and r["ratio_vs_fpn_neck_sem"] >= 0
+        # 1 + the neck's extra time over the whole reference model's
+        assert r["ratio_vs_fpn_neck"] == pytest.approx(1 + r["neck_extra_ms"] / rows["fpn"]["ms_median"], abs=2e-4)
         assert len(r["ratio_vs_fpn_repeats"]) == 2 and r["ratio_vs_fpn_q25"] <= r["ratio_vs_fpn_q75"]
         assert r["ratio_vs_fpn_sem"] >= 0
         assert 0 < r["ms_min"] <= r["ms_median"] <= r["ms_max"]
         assert r["params_total"] >= r["params_trainable"] > 0
     assert rows["fpn"]["ratio_vs_fpn"] == 1.0 and rows["fpn"].get("ratio_vs_fpn_cpu", 1.0) == 1.0
+    assert rows["fpn"]["ratio_vs_fpn_neck"] == 1.0 and rows["fpn"]["neck_extra_ms"] == 0
     assert rows["smsl_fpn"]["ratio_vs_fpn"] > 0
     # SMSL adds parameters to the same detector (+0.98M at C=256, L=5, r=8 in the paper)
     assert rows["smsl_fpn"]["params_trainable"] > rows["fpn"]["params_trainable"]
@@ -118,6 +125,8 @@ def test_tiny_bench_writes_every_key(tiny_bench):
     assert dev["torch"] and dev["torch_threads"] >= 1 and dev["cpu"]
     assert saved["gpu"] is None or all(r["speedup_vs_fp32"] > 0 for r in saved["gpu"])
     assert {t["what"] for t in saved["targets"]} >= {"retinanet smsl_fpn / fpn latency"}
+    smsl = next(t for t in saved["targets"] if t["what"] == "retinanet smsl_fpn / fpn latency")
+    assert smsl["measure"] == "neck-isolated" and smsl["value"] == rows["smsl_fpn"]["ratio_vs_fpn_neck"]
 
 
 def test_tiny_bench_markdown_has_tables_and_command(tiny_bench):

@@ -51,6 +51,42 @@ def _variant_runner(net: Detector, variant: str) -> Callable[[list[torch.Tensor]
     return run
 
 
+def _median_sem(values: list[float]) -> float:
+    """The median's standard error, 1.2533 s / sqrt(n) (the normal approximation); 0 below 2 values."""
+    return 1.2533 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) >= 2 else 0.0
+
+
+def _neck_isolated(b: DictConfig, device: torch.device, detector: str, rows: dict[str, dict[str, Any]],
+                   by_key: dict[tuple[str, str, str], Candidate], image: torch.Tensor) -> None:
+    """Add ``ratio_vs_fpn_neck`` to ``rows``: 1 + (neck time - reference neck time) / whole-model time.
+
+    A whole forward of RetinaNet-R50 at 800x1333 on 2 CPU cores takes 6-8 s and moves by 5-30 %
+    between passes, so the end-to-end ratio of two models that differ by 1-2 % has a standard error of
+    0.03 after 11 repeats (two idle runs gave 0.994 and 1.051): it would take ~450 repeats to agree
+    within 0.01. The models differ only in the neck (same body, same head on same-shaped levels, same
+    detection count), so the neck's extra time is measured where it happens: every neck on the same
+    body features, interleaved, ``neck_repeats`` times, and the paired per-pass difference's median
+    divided by the reference model's median whole-forward time. Its error combines both standard errors.
+    """
+    ref_key = (detector, b.reference_neck, FP32)
+    net = by_key[ref_key].run
+    with torch.inference_mode():
+        batch = net.model.transform([image])[0].tensors  # normalised and padded as in the forward
+        feats = net.backbone.body(batch)
+        runs = {n: functools.partial(by_key[detector, n, FP32].run.backbone.neck, feats) for n in rows}
+        times = interleaved_times(runs, b.neck_repeats, b.warmup, sync=functools.partial(sync, device))
+    ref_ms = times.wall_ms[b.reference_neck]
+    whole = rows[b.reference_neck]["ms_median"]
+    whole_sem = _median_sem(by_key[ref_key].ms)
+    for n, row in rows.items():
+        diffs = [t - r for t, r in zip(times.wall_ms[n], ref_ms)]
+        delta, delta_sem = statistics.median(diffs), _median_sem(diffs)
+        row["neck_ms_median"] = round(statistics.median(times.wall_ms[n]), 3)
+        row["neck_extra_ms"] = round(delta, 3)
+        row["ratio_vs_fpn_neck"] = round(1 + delta / whole, 4)
+        row["ratio_vs_fpn_neck_sem"] = round(math.hypot(delta_sem / whole, delta * whole_sem / whole**2), 4)
+
+
 def run_necks(b: DictConfig, device: torch.device) -> dict[str, Any]:
     """Build every model once, then time ``warmup + repeats`` interleaved passes over all of them."""
     variants = [FP32] + (list(b.gpu_variants) if device.type == "cuda" else [])
@@ -104,7 +140,7 @@ def run_necks(b: DictConfig, device: torch.device) -> dict[str, Any]:
         if len(ratios) >= 2:
             q = statistics.quantiles(ratios, n=4, method="inclusive")
             out[f"{key}_q25"], out[f"{key}_q75"] = round(q[0], 4), round(q[2], 4)
-            out[f"{key}_sem"] = round(1.2533 * statistics.stdev(ratios) / math.sqrt(len(ratios)), 4)
+            out[f"{key}_sem"] = round(_median_sem(ratios), 4)
         return out
 
     rows, gpu_rows = [], []
@@ -128,6 +164,9 @@ def run_necks(b: DictConfig, device: torch.device) -> dict[str, Any]:
         else:
             fp32 = by_key[c.detector, c.neck, FP32]
             gpu_rows.append({**row, "variant": c.variant, "speedup_vs_fp32": round(paired_ratio(fp32.ms, c.ms), 4)})
+    if b.neck_repeats > 0:
+        for d in b.detectors:
+            _neck_isolated(b, device, d, {r["neck"]: r for r in rows if r["detector"] == d}, by_key, image)
     memory = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if device.type == "cuda":
         memory["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)

@@ -62,15 +62,20 @@ def check_targets(results: dict[str, Any], b: DictConfig) -> list[dict[str, Any]
     t = b.targets
     checks: list[dict[str, Any]] = []
 
-    def add(what: str, value: float | None, bound: float, upper: bool) -> None:
+    def add(what: str, value: float | None, bound: float, upper: bool, measure: str | None = None) -> None:
         met = None if value is None else (value <= bound if upper else value >= bound)
-        checks.append({"what": what, "value": value, ("max" if upper else "min"): bound, "met": met})
+        checks.append({"what": what, "value": value, ("max" if upper else "min"): bound, "met": met,
+                       **({"measure": measure} if measure else {})})
 
     rows = {(r["detector"], r["neck"]): r for r in results.get("necks") or []}
     for spec in t.necks:
         row = rows.get((spec.detector, spec.neck))
-        add(f"{spec.detector} {spec.neck} / {b.reference_neck} latency", row and row["ratio_vs_fpn"],
-            float(spec.max_ratio), True)
+        # the neck-isolated ratio where measured: the end-to-end one's error on a CPU is larger than
+        # the margin it is checked against (bench.neck_repeats)
+        isolated = bool(row) and "ratio_vs_fpn_neck" in row
+        add(f"{spec.detector} {spec.neck} / {b.reference_neck} latency",
+            row and row["ratio_vs_fpn_neck" if isolated else "ratio_vs_fpn"], float(spec.max_ratio), True,
+            "neck-isolated" if isolated else None)
     if results.get("framework"):
         add("plain / lightning images/s", results["framework"]["ratio"], float(t.framework_max_ratio), True)
     if results.get("eval"):
@@ -90,7 +95,8 @@ def _ratio_cell(row: dict[str, Any], key: str) -> str:
     """``1.051 ± 0.008 [1.030, 1.070]``: median ratio, its standard error, the per-repeat quartiles."""
     if f"{key}_sem" not in row:
         return f"{row[key]:.3f}"
-    return f"{row[key]:.3f} ± {row[f'{key}_sem']:.3f} [{row[f'{key}_q25']:.3f}, {row[f'{key}_q75']:.3f}]"
+    cell = f"{row[key]:.3f} ± {row[f'{key}_sem']:.3f}"
+    return cell + (f" [{row[f'{key}_q25']:.3f}, {row[f'{key}_q75']:.3f}]" if f"{key}_q25" in row else "")
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -109,18 +115,25 @@ def render_markdown(results: dict[str, Any]) -> str:
         out += ["", f"## Necks: batch 1, {h}×{w}, eval mode, inference_mode, {dev['device']}, "
                 f"{cfg['repeats']} interleaved repeats after {cfg['warmup']} warm-up", ""]
         cpu = "ratio_vs_fpn_cpu" in results["necks"][0]
+        isolated = "ratio_vs_fpn_neck" in results["necks"][0]
+        ref = cfg["reference_neck"]
         out += markdown_table(
             ["detector", "neck", "trainable (M)", "total (M)", "ms median", "ms min", "ms max",
-             f"× {cfg['reference_neck']}", *(["CPU ms median", f"× {cfg['reference_neck']} (CPU time)"] if cpu else []),
-             "detections"],
+             f"× {ref}", *(["CPU ms median", f"× {ref} (CPU time)"] if cpu else []),
+             *(["neck ms median", "neck extra ms", f"× {ref} (neck-isolated)"] if isolated else []), "detections"],
             [[r["detector"], r["neck"], f"{r['params_trainable'] / 1e6:.2f}", f"{r['params_total'] / 1e6:.2f}",
               f"{r['ms_median']:.1f}", f"{r['ms_min']:.1f}", f"{r['ms_max']:.1f}", _ratio_cell(r, "ratio_vs_fpn"),
-              *([f"{r['cpu_ms_median']:.1f}", _ratio_cell(r, "ratio_vs_fpn_cpu")] if cpu else []), r["detections"]]
+              *([f"{r['cpu_ms_median']:.1f}", _ratio_cell(r, "ratio_vs_fpn_cpu")] if cpu else []),
+              *([f"{r['neck_ms_median']:.1f}", f"{r['neck_extra_ms']:+.1f}", _ratio_cell(r, "ratio_vs_fpn_neck")]
+                if isolated else []), r["detections"]]
              for r in results["necks"]],
         )
         out += ["", f"× {cfg['reference_neck']}: median over repeats of the per-repeat time ratio to the same "
                 f"detector with {cfg['reference_neck']}, ± the median's standard error, [quartiles of the per-repeat "
-                "ratios]; CPU time: this process's, all threads (on a shared "
+                "ratios]; neck-isolated: every neck timed alone on the same body features "
+                f"({cfg.get('neck_repeats')} interleaved repeats), 1 + (neck ms − {ref} neck ms, the per-repeat "
+                f"difference's median) / the {ref} model's ms median, ± its standard error; "
+                "CPU time: this process's, all threads (on a shared "
                 "machine wall time also counts waiting for a core). Random weights; detections: what each model kept of the "
                 f"random image (post-processing and the mask head scale with it). Peak memory: {results['memory']}."]
     if results.get("gpu"):
@@ -174,7 +187,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         out += ["", "## Targets (issue 6)", ""]
         out += markdown_table(
             ["target", "value", "bound", "met"],
-            [[t["what"], "–" if t["value"] is None else f"{t['value']:.3f}",
+            [[t["what"] + (f" ({t['measure']})" if t.get("measure") else ""), "–" if t["value"] is None else f"{t['value']:.3f}",
               f"≤ {t['max']}" if "max" in t else f"≥ {t['min']}",
               {True: "yes", False: "**no**", None: "not measured"}[t["met"]]] for t in results["targets"]],
         )
