@@ -218,6 +218,10 @@ def test_data_scale_section_measures_both_record_layouts(tmp_path, shapes_root):
         "bench.sections=[data_scale]", "bench.data_scale.images=60", "bench.data_scale.annotations=400",
         "bench.data_scale.batches=6", "bench.data_scale.warmup_batches=2", "bench.data_scale.num_workers=2",
         f"bench.data_scale.cache_dir={tmp_path / 'cache'}", "bench.data_scale.legacy=false",
+        "bench.data_scale.image_size=[48,64]",
+        # the loader at its own settings against a training step on what it yields, in miniature
+        "bench.data_scale.speed={num_workers:2,batch_size:2,batches:3,warmup_batches:1,min_size:64,max_size:96,"
+        "step_steps:1,step_warmup:0}",
     ]
     results = bench(compose_cfg("bench", over, tmp_path, shapes_root))
     d = results["data_scale"]
@@ -226,3 +230,8 @@ def test_data_scale_section_measures_both_record_layouts(tmp_path, shapes_root):
         assert v["annotations"] == 400 and v["parse_index_s"] >= 0 and v["peak_rss_mb"] > 0
         assert v["workers_pss_start_mb"] > 0 and v["loader_img_s"] > 0 and v["num_workers"] == 2
     assert d["images"] <= 60 and "COCO-scale loader" in json.dumps(results["targets"])
+    sp = d["variants"]["serialized"]["speed"]
+    assert sp["loader_img_s"] == d["loader_coco_img_s"] > 0 and sp["min_size"] == 64 and d["step_coco_img_s"] > 0
+    assert d["loader_over_step_coco"] == pytest.approx(d["loader_coco_img_s"] / d["step_coco_img_s"], rel=0.01)
+    ratio = next(t for t in results["targets"] if t["what"].startswith("COCO-scale loader / training step"))
+    assert ratio["value"] == d["loader_over_step_coco"] and ratio["met"] == (ratio["value"] >= 1)

@@ -76,6 +76,18 @@ def test_srfgan_cpu_recipe_keeps_epoch_lengths(tmp_path):
     assert stage_config(cfg, tmp_path / "s", "stage1").trainer.max_epochs == 2
 
 
+def test_srfgan_finetune_recipe_is_make_trains_with_the_cpu_stage_lengths(tmp_path):
+    """make srfgan: the target detectors (A1, stage 3) train exactly as make train's detector does."""
+    cfg = compose_cfg("srfgan", ["recipe=shapes_finetune", "detector=fcos"], tmp_path)
+    assert [cfg.srf[f"stage{i}"].max_epochs for i in range(4)] == [3, 2, 2, 3]
+    train = compose_cfg("train", ["experiment=shapes_fcos"], tmp_path)
+    for stage in ("stage0", "stage3"):
+        s = stage_config(cfg, tmp_path / stage, stage)
+        assert s.trainer.max_epochs == train.trainer.max_epochs == 3
+        assert s.backbone.weights_path == "embedded" and s.backbone.frozen_stages == 1
+        assert s.data.batch_size == train.data.batch_size and s.optim.optimizer.lr == train.optim.optimizer.lr
+
+
 @pytest.mark.parametrize(("detector", "lr"), [("retinanet", 0.01), ("fcos", 0.01), ("faster_rcnn", 0.02),
                                               ("mask_rcnn", 0.02), ("cascade_rcnn", 0.02),
                                               ("cascade_mask_rcnn", 0.02), ("centermask", 0.01)])

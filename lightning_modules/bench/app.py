@@ -84,7 +84,7 @@ def _bench(cfg: DictConfig, b: DictConfig) -> dict[str, Any]:
     if "data_scale" in b.sections:
         start = time.perf_counter()
         with _progress() as progress:
-            results["data_scale"] = bench_data_scale.run_data_scale(b.data_scale, b.seed, progress)
+            results["data_scale"] = bench_data_scale.run_data_scale(b, device, progress)
         seconds["data_scale"] = round(time.perf_counter() - start, 1)
     if "convergence" in b.sections:
         start = time.perf_counter()

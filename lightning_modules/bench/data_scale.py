@@ -2,14 +2,17 @@
 
 A synthetic annotation file with train2017's counts (118,287 images, 860,001 annotations with polygons,
 80 category ids; generated here, never downloaded) is written once into ``bench.data_scale.cache_dir``;
-every image entry points at one small image file (the loader's per-item work stays small: what is
-measured is what the annotations cost). Each variant runs in a fresh Python process (so that peak memory
+every image entry points at one JPEG of COCO's typical 480 x 640 that compresses like a photo (the
+memory phase resizes it to 96 px: what it measures is what the annotations cost). Each variant runs in a fresh Python process (so that peak memory
 is its own):
 
 - parse + index: ``CocoDetection(...)`` (JSON, pycocotools' index, box sanitising, the serialized
   records), its wall time and the process's peak RSS;
 - ``bench.data_scale.num_workers`` DataLoader workers over ``bench.data_scale.batches`` shuffled batches:
-  the summed PSS and RSS of the workers after a warm-up and at the end, and their growth.
+  the summed PSS and RSS of the workers after a warm-up and at the end, and their growth;
+- ``bench.data_scale.speed``: the same records through data=coco's default loader (4 workers, batches of
+  2, training transforms to 800 x 1333) for its images/s, against a training step of RetinaNet-R50-FPN on
+  images of the size the loader yields (``loader_over_step_coco``: the loader keeps up when >= 1).
 
 Variants: ``serialized`` (the loader as it is: records in one NumPy buffer, inherited objects frozen in
 the workers) and, with ``bench.data_scale.legacy``, ``dict`` (records as a Python dict of dicts, the
@@ -35,8 +38,9 @@ TRAIN2017 = {"images": 118_287, "annotations": 860_001}
 _CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 
 
-def write_synthetic_annotations(path: Path, images: int, annotations: int, size: tuple[int, int], seed: int) -> Path:
-    """A COCO annotation file with ``images`` images of ``size`` (H, W) all named ``0.png`` and
+def write_synthetic_annotations(path: Path, images: int, annotations: int, size: tuple[int, int], seed: int,
+                                file_name: str = "0.jpg") -> Path:
+    """A COCO annotation file with ``images`` images of ``size`` (H, W) all named ``file_name`` and
     ``annotations`` objects spread over them (Poisson), each with a 16-point polygon, a box and an area,
     1 % crowd. Written in chunks (no giant Python structure); returns ``path``."""
     rng = np.random.default_rng(seed)
@@ -46,7 +50,7 @@ def write_synthetic_annotations(path: Path, images: int, annotations: int, size:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write('{"info": {"description": "synthetic, COCO train2017 counts"}, "images": [')
         f.write(",".join(
-            f'{{"id": {i + 1}, "file_name": "0.png", "height": {h}, "width": {w}}}' for i in range(images)
+            f'{{"id": {i + 1}, "file_name": "{file_name}", "height": {h}, "width": {w}}}' for i in range(images)
         ))
         f.write('], "annotations": [')
         ann_id, first = 1, True
@@ -78,16 +82,28 @@ def write_synthetic_annotations(path: Path, images: int, annotations: int, size:
     return path
 
 
+def synthetic_photo(size: tuple[int, int], seed: int) -> np.ndarray:
+    """An (H, W, 3) uint8 image that JPEG-compresses like a photo (smooth gradients, shapes, mild noise):
+    decoding it costs what a COCO image of that size costs (random noise would decode slower)."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([x / w * 200, y / h * 200, (x + y) / (h + w) * 255], -1)
+    for _ in range(30):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(h / 30, h / 5)
+        img[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    return np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+
+
 def ensure_dataset(cache_dir: Path, images: int, annotations: int, size: tuple[int, int], seed: int) -> Path:
-    """``cache_dir/<name>/`` with ``annotations/instances_train.json`` and ``train/0.png``, made once."""
+    """``cache_dir/<name>/`` with ``annotations/instances_train.json`` and ``train/0.jpg``, made once."""
     from PIL import Image
 
     root = cache_dir / f"synthetic_{images}x{annotations}_{size[0]}x{size[1]}_s{seed}"
     ann = root / "annotations" / "instances_train.json"
     if not ann.is_file():
         (root / "train").mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(seed)
-        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / "train" / "0.png")
+        Image.fromarray(synthetic_photo(size, seed)).save(root / "train" / "0.jpg", quality=90)
         write_synthetic_annotations(ann, images, annotations, size, seed)
     return root
 
@@ -108,8 +124,11 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
-def measure(root: str, variant: str, num_workers: int, batches: int, batch_size: int, warmup: int) -> dict[str, Any]:
-    """One variant, in this process (run it in a fresh one): parse + index, then the workers' memory."""
+def measure(root: str, variant: str, num_workers: int, batches: int, batch_size: int, warmup: int,
+            speed: dict[str, int] | None = None) -> dict[str, Any]:
+    """One variant, in this process (run it in a fresh one): parse + index, then the workers' memory;
+    with ``speed`` ({num_workers, batch_size, batches, warmup_batches, min_size, max_size}), then the
+    loader's images/s with those settings (data=coco's defaults: 800 x 1333 training transforms)."""
     import torch
     from torch.utils.data import DataLoader, RandomSampler
 
@@ -153,11 +172,59 @@ def measure(root: str, variant: str, num_workers: int, batches: int, batch_size:
     })
     out["workers_pss_growth_mb"] = round(out["workers_pss_end_mb"] - out["workers_pss_start_mb"], 1)
     out["workers_rss_growth_mb"] = round(out["workers_rss_end_mb"] - out["workers_rss_start_mb"], 1)
+    if speed:
+        ds.transforms = coco_mod.build_transforms(True, int(speed["min_size"]), int(speed["max_size"]))
+        loader = DataLoader(ds, batch_size=int(speed["batch_size"]), num_workers=int(speed["num_workers"]),
+                            collate_fn=coco_mod.collate_fn,
+                            sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(1)))
+        it = iter(loader)
+        for _ in range(int(speed["warmup_batches"])):
+            next(it)
+        start = time.perf_counter()
+        for _ in range(int(speed["batches"])):
+            next(it)
+        out["speed"] = {**{k: int(v) for k, v in speed.items()},
+                        "loader_img_s": round(int(speed["batches"]) * int(speed["batch_size"]) / (time.perf_counter() - start), 2)}
+        del it
     return out
 
 
-def run_data_scale(d: Any, seed: int, progress: Any) -> dict[str, Any]:
-    """The section: dataset made (or reused), then each variant in a fresh process."""
+def coco_step_img_s(b: Any, device: Any, steps: int, warmup: int, batch_size: int, size: tuple[int, int]) -> float:
+    """Training images/s of ``bench.data_scale.step_detector`` (RetinaNet-R50-FPN, 80 classes) at COCO's
+    input size: SGD steps on random images with 5 random boxes each, the model as the necks section builds it."""
+    import torch
+
+    from lightning_modules import checkpoints as CK
+    from lightning_modules.bench.common import model_config, sync
+
+    torch.manual_seed(b.seed)
+    net = CK.build_net(model_config(b, b.data_scale.step_detector, b.reference_neck)).train().to(device)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    g = torch.Generator().manual_seed(b.seed)
+    h, w = size
+    images = [torch.rand(3, h, w, generator=g).to(device) for _ in range(batch_size)]
+    xy = torch.rand(batch_size, 5, 2, generator=g) * torch.tensor([w / 2, h / 2])
+    wh = 16 + torch.rand(batch_size, 5, 2, generator=g) * torch.tensor([w / 2, h / 2])
+    targets = [{"boxes": torch.cat([xy[i], xy[i] + wh[i]], 1).to(device),
+                "labels": torch.randint(0, int(b.num_classes), (5,), generator=g).to(device)} for i in range(batch_size)]
+    elapsed = 0.0
+    for k in range(warmup + steps):
+        sync(device)
+        start = time.perf_counter()
+        loss = sum(net(images, targets).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync(device)
+        if k >= warmup:
+            elapsed += time.perf_counter() - start
+    return steps * batch_size / elapsed
+
+
+def run_data_scale(b: Any, device: Any, progress: Any) -> dict[str, Any]:
+    """The section: dataset made (or reused), then each variant in a fresh process, then the training step
+    at COCO's input size that the loader must keep up with."""
+    d, seed = b.data_scale, b.seed
     task = progress.add_task("data_scale", total=None)
     size = (int(d.image_size[0]), int(d.image_size[1]))
     progress.update(task, description="data_scale: synthetic annotation file")
@@ -169,7 +236,11 @@ def run_data_scale(d: Any, seed: int, progress: Any) -> dict[str, Any]:
     variants = ["serialized", *(["dict"] if d.legacy else [])]
     for v in variants:
         progress.update(task, description=f"data_scale: {v} (parse, then {d.num_workers} workers x {d.batches} batches)")
-        args = [str(root), v, int(d.num_workers), int(d.batches), int(d.batch_size), int(d.warmup_batches)]
+        speed = None
+        if v == "serialized" and d.speed.batches > 0:
+            speed = {k: int(d.speed[k]) for k in ("num_workers", "batch_size", "batches", "warmup_batches",
+                                                    "min_size", "max_size")}
+        args = [str(root), v, int(d.num_workers), int(d.batches), int(d.batch_size), int(d.warmup_batches), speed]
         code = f"import json, sys; from lightning_modules.bench.data_scale import measure; print(json.dumps(measure(*{args!r})))"
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -179,4 +250,14 @@ def run_data_scale(d: Any, seed: int, progress: Any) -> dict[str, Any]:
     s = out["variants"]["serialized"]
     out.update({k: s[k] for k in ("parse_index_s", "peak_rss_mb", "workers_pss_growth_mb", "workers_rss_growth_mb",
                                   "loader_img_s", "images", "annotations")})
+    if "speed" in s:
+        sp = d.speed
+        progress.update(task, description=f"data_scale: {d.step_detector} training step at {sp.max_size} px")
+        # the size the loader's images come out at: shortest side min_size, longest at most max_size
+        h, w = (int(v) for v in d.image_size)
+        scale = min(sp.min_size / min(h, w), sp.max_size / max(h, w))
+        step = coco_step_img_s(b, device, int(sp.step_steps), int(sp.step_warmup), int(sp.batch_size),
+                               (round(h * scale), round(w * scale)))
+        out.update({"loader_coco_img_s": s["speed"]["loader_img_s"], "step_coco_img_s": round(step, 3),
+                    "loader_over_step_coco": round(s["speed"]["loader_img_s"] / step, 2)})
     return out

@@ -88,6 +88,9 @@ def check_targets(results: dict[str, Any], b: DictConfig) -> list[dict[str, Any]
     if results.get("data_scale"):
         add("COCO-scale loader: workers' summed PSS growth (MB)", results["data_scale"]["workers_pss_growth_mb"],
             float(t.data_scale_max_growth_mb), True)
+        if "loader_over_step_coco" in results["data_scale"]:
+            add("COCO-scale loader / training step images/s (data=coco defaults)",
+                results["data_scale"]["loader_over_step_coco"], float(t.data_scale_min_ratio), False)
     return checks
 
 
@@ -252,6 +255,13 @@ def render_data_scale(d: dict[str, Any]) -> list[str]:
     out += ["", "serialized: records in one NumPy buffer (detection/data/serialize.py) and inherited objects "
             "frozen in the workers; dict: the same loader with a Python dict of per-image dicts (before). "
             "Growth: summed over the workers, from after the warm-up batches to the end."]
+    sp = d["variants"]["serialized"].get("speed")
+    if sp:
+        out += ["", f"At data=coco's defaults (serialized records, {sp['num_workers']} workers, batches of "
+                f"{sp['batch_size']}, training transforms to {sp['min_size']} × {sp['max_size']}, {sp['batches']} batches "
+                f"after {sp['warmup_batches']}): the loader gives **{d['loader_coco_img_s']} img/s**; a training step of "
+                f"RetinaNet-R50-FPN on images of that size takes {d['step_coco_img_s']} img/s on this device: "
+                f"loader / step = **{d['loader_over_step_coco']}**."]
     return out
 
 
