@@ -12,6 +12,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # one file per process (--dist loadfile) keeps each file's module fixtures to one process. PYTEST_ARGS= runs serially.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 SMSL_SEEDS ?= 0,1,2
+SRF_SEEDS ?= 0,1,2
 
 .PHONY: install train smsl srfgan bench test lint clean distclean
 
@@ -35,9 +36,12 @@ train: install
 smsl: install
 	$(BIN)/pyramidlab-train experiment=smsl/table1 detector=fcos recipe=shapes_finetune seed=$(SMSL_SEEDS) $(ARGS)
 
-# SRF-GAN stages 0 -> 1 -> 2 -> 3 and Table 4's variants on the embedded data, CPU.
+# SRF-GAN Tables 4 (A1-A5) and 5 (NN = A1, BL, BC, SRF = A5) x 3 seeds on the embedded data, CPU: one
+# pipeline per seed (stages 0 -> 1 -> 2 -> 3, seven variants), make train's FCOS and recipe as in make smsl.
+# The sweep's report.md holds every variant's difference to A1, paired by seed.
 srfgan: install
-	$(BIN)/pyramidlab-srfgan $(ARGS)
+	$(BIN)/pyramidlab-srfgan -m experiment=srfgan/table4 detector=fcos recipe=shapes_finetune \
+	  'variants=[A1,A2,A3,A4,A5,BL,BC]' seed=$(SRF_SEEDS) $(ARGS)
 
 # parameters, latency, training throughput, data and evaluation speed, side by side.
 bench: install
