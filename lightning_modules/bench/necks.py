@@ -62,8 +62,8 @@ def _neck_isolated(b: DictConfig, device: torch.device, detector: str, rows: dic
 
     A whole forward of RetinaNet-R50 at 800x1333 on 2 CPU cores takes 6-8 s and moves by 5-30 %
     between passes, so the end-to-end ratio of two models that differ by 1-2 % has a standard error of
-    0.03 after 11 repeats (two idle runs gave 0.994 and 1.051): it would take ~450 repeats to agree
-    within 0.01. The models differ only in the neck (same body, same head on same-shaped levels, same
+    0.03 after 11 repeats even on an idle machine (0.994 ± 0.032 there; the two runs of issue 18 gave
+    1.051 and 1.085): agreeing within 0.01 would take ~450 repeats. The models differ only in the neck (same body, same head on same-shaped levels, same
     detection count), so the neck's extra time is measured where it happens: every neck on the same
     body features, interleaved, ``neck_repeats`` times, and the paired per-pass difference's median
     divided by the reference model's median whole-forward time. Its error combines both standard errors.
