@@ -14,7 +14,7 @@ PYTEST_ARGS ?= -n 2 --dist loadfile
 SMSL_SEEDS ?= 0,1,2
 SRF_SEEDS ?= 0,1,2
 
-.PHONY: install train smsl srfgan bench test lint clean distclean
+.PHONY: install train smsl smsl-table2 srfgan bench test lint clean distclean
 
 install: $(STAMP)
 
@@ -35,6 +35,13 @@ train: install
 # The sweep writes report.md/csv/png into runs/smsl_table1/multirun_<date>/
 smsl: install
 	$(BIN)/pyramidlab-train experiment=smsl/table1 detector=fcos recipe=shapes_finetune seed=$(SMSL_SEEDS) $(ARGS)
+
+# SMSL Table 2's RetinaNet rows (FPN, PAFPN, SMSL-FPN, SMSL-PAFPN) x 3 seeds on the embedded data, CPU,
+# ~95 min: the same substitute (make train's FCOS and recipe) as make smsl; each row's difference to FPN.
+smsl-table2: install
+	$(BIN)/pyramidlab-train experiment=smsl/table2 \
+	  '+smsl_table2=retinanet_fpn,retinanet_pafpn,retinanet_smsl_fpn,retinanet_smsl_pafpn' \
+	  detector=fcos recipe=shapes_finetune seed=$(SMSL_SEEDS) $(ARGS)
 
 # SRF-GAN Tables 4 (A1-A5) and 5 (NN = A1, BL, BC, SRF = A5) x 3 seeds on the embedded data, CPU: one
 # pipeline per seed (stages 0 -> 1 -> 2 -> 3, seven variants), make train's FCOS and recipe as in make smsl.
