@@ -76,11 +76,9 @@ class ResumableCSVLogger(CSVLogger):
     """
 
     def __init__(self, *args: Any, flush_logs_every_n_steps: int = 1, **kwargs: Any) -> None:
-        # Every row reaches the file when it is logged (CSVLogger's default is every 100 steps). A
-        # step's row is logged after that step's checkpoint is written, so with a buffered writer a
-        # kill -9 anywhere before the next checkpoint lost the row of a step the resumed run does not
-        # train again (found by test_kill_9_three_times_...: weights exact, step 2's loss missing). The
-        # window left is the few milliseconds between the checkpoint's rename and the row's append.
+        # Every row reaches the file when it is logged (CSVLogger's default keeps 100 steps in memory,
+        # so a kill -9 took every row since the last checkpoint's flush with it). A lost row under the
+        # CI's load is still open: docs/robustness.md.
         super().__init__(*args, flush_logs_every_n_steps=flush_logs_every_n_steps, **kwargs)
 
     @property
