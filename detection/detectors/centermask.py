@@ -22,7 +22,7 @@ from torchvision.models.detection.roi_heads import maskrcnn_inference, maskrcnn_
 from torchvision.ops import box_area, clip_boxes_to_image, roi_align
 
 from detection.detectors.base import Detector, Parts, widen_group_norm_groups
-from detection.detectors.fcos import fcos_anchors, fcos_kwargs
+from detection.detectors.fcos import fcos_anchors, fcos_kwargs, init_regression_bias
 
 
 def centermask_levels(boxes: list[Tensor], image_sizes: list[tuple[int, int]], k_min: int, k_max: int) -> Tensor:
@@ -177,7 +177,7 @@ class CenterMask(FCOS):
             d["masks"] = m
 
 
-def build(parts: Parts, mask_rois_per_image: int = 128) -> Detector:
+def build(parts: Parts, mask_rois_per_image: int = 128, reg_bias_init: float = 0.0) -> Detector:
     """CenterMask on ``parts``: FCOS as ``detector=fcos`` builds it, SAG-Mask on the body levels (P3-P5)."""
     k = parts.num_classes
     n = len(parts.return_layers)
@@ -186,7 +186,8 @@ def build(parts: Parts, mask_rois_per_image: int = 128) -> Detector:
     model = CenterMask(
         parts.backbone, k, LevelRoIAlign(parts.body_levels, parts.strides[:n], 14, 2),
         SAGMaskHead(parts.channels, parts.mask_head_channels, k), mask_rois_per_image,
-        anchor_generator=fcos_anchors(parts), head=widen_group_norm_groups(_MatchRecordingHead(parts.channels, 1, k, num_convs=4)),
+        anchor_generator=fcos_anchors(parts), head=init_regression_bias(widen_group_norm_groups(_MatchRecordingHead(parts.channels, 1, k, num_convs=4)),
+                                  reg_bias_init),
         **fcos_kwargs(parts),
     )
     return Detector(model, parts.name, k, label_offset=0, with_masks=True)

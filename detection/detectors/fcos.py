@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.fcos import FCOSHead
 
@@ -24,8 +25,24 @@ def fcos_kwargs(parts: Parts) -> dict:
     )
 
 
-def build(parts: Parts) -> Detector:
+def init_regression_bias(head: FCOSHead, reg_bias_init: float) -> FCOSHead:
+    """Start every level's box distances at ``reg_bias_init`` (in units of the location's anchor size).
+
+    torchvision's head starts the bias at 0 and applies ReLU: every predicted box begins as a
+    point, whose GIoU loss is 1 with a vanishing gradient (the box's area is the product of two
+    near-zero sides). Where the first steps push the bias below zero, the ReLU closes and box
+    regression never trains (seen on the embedded data: FCOS + PAFPN, GIoU loss 1.000 for the whole
+    run, AP 0.0, in 3 of 6 runs). A positive start (boxes ``2 × reg_bias_init`` anchor sizes wide, the
+    size of the objects each level is assigned) keeps the ReLU open. Neither paper specifies FCOS'
+    initialisation; 0 restores torchvision's.
+    """
+    torch.nn.init.constant_(head.regression_head.bbox_reg.bias, float(reg_bias_init))
+    return head
+
+
+def build(parts: Parts, reg_bias_init: float = 0.0) -> Detector:
     head = widen_group_norm_groups(FCOSHead(parts.channels, 1, parts.num_classes, num_convs=4))
+    init_regression_bias(head, reg_bias_init)
     model = FCOS(parts.backbone, parts.num_classes, anchor_generator=fcos_anchors(parts), head=head,
                  **fcos_kwargs(parts))
     return Detector(model, parts.name, parts.num_classes, label_offset=0)
