@@ -10,7 +10,12 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-from lightning_modules.compat import batches_that_stepped, restore_loader_states, train_loaders
+from lightning_modules.compat import (
+    batches_that_stepped,
+    pending_step_row,
+    restore_loader_states,
+    train_loaders,
+)
 
 log = logging.getLogger("pyramidlab")
 
@@ -115,7 +120,9 @@ class RestoreTrainLoaderState(L.Callback):
 
     - the history of a resumed run: the rows ``csv/metrics.csv`` held at each checkpoint are
       saved in it (this callback's state); the resumed run cuts the file back to them and
-      appends (a run that does not resume starts a fresh file). TensorBoard's writer is
+      appends (a run that does not resume starts a fresh file). Lightning writes a batch's row after
+      that batch's checkpoints: a checkpoint saved inside a batch carries the row too, and the resumed
+      run writes it if the interrupted one died before it did. TensorBoard's writer is
       reopened with ``purge_step`` = the resumed step, so the steps the interrupted run logged
       after its checkpoint are hidden, not drawn twice.
     """
@@ -123,6 +130,7 @@ class RestoreTrainLoaderState(L.Callback):
     def __init__(self) -> None:
         self._csv_rows: dict[str, int] | None = None  # from the checkpoint resumed from
         self._csv_step = 0
+        self._pending: dict | None = None  # the row of the checkpoint's batch, logged after it
         self._trainer: L.Trainer | None = None
         self._in_batch = False  # a checkpoint saved now is followed by its batch's log row
 
@@ -144,11 +152,17 @@ class RestoreTrainLoaderState(L.Callback):
         # the logged step of the first batch the resumed run will train: Lightning writes a batch's row
         # after the checkpoint callbacks of that batch ran
         step = batches_that_stepped(trainer) + int(self._in_batch) if trainer else 0
-        return {"csv_rows": rows, "csv_step": step}
+        state = {"csv_rows": rows, "csv_step": step}
+        if trainer is not None and self._in_batch:
+            row = pending_step_row(trainer)
+            if row is not None:
+                state["pending_row"] = {"step": step - 1, "epoch": trainer.current_epoch, "metrics": row}
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._csv_rows = dict(state_dict.get("csv_rows") or {})
         self._csv_step = int(state_dict.get("csv_step", 0))
+        self._pending = state_dict.get("pending_row")
 
     @staticmethod
     def _csv_loggers(trainer: L.Trainer | None) -> list:
@@ -170,13 +184,18 @@ class RestoreTrainLoaderState(L.Callback):
                 lg.experiment.truncate(0, 0)
             elif lg.log_dir in rows:  # a checkpoint without the count: keep everything
                 lg.experiment.truncate(rows[lg.log_dir], self._csv_step)
+            pending = self._pending if resuming else None
+            if pending and not lg.experiment.has_row(pending["step"], pending["metrics"]):
+                # killed between the checkpoint and the row: the resumed run starts after this batch
+                lg.log_metrics({**pending["metrics"], "epoch": pending["epoch"]}, step=pending["step"])
+                lg.save()
         if resuming and trainer.is_global_zero:
             for lg in trainer.loggers:
                 if isinstance(lg, TensorBoardLogger) and lg._experiment is not None:
                     lg._experiment.close()
                     lg._experiment = None
                     lg._kwargs["purge_step"] = trainer.global_step
-        self._csv_rows = None
+        self._csv_rows = self._pending = None
 
 
 def check_resume(module: L.LightningModule, path: str) -> None:

@@ -71,6 +71,19 @@ def set_ddp_child_command(command: Any) -> None:
     subprocess_script._hydra_subprocess_cmd = command  # type: ignore[attr-defined]
 
 
+def pending_step_row(trainer: Any) -> dict[str, float] | None:
+    """The log row Lightning will write for the running batch, or None (lightning 2.6.6: the loop calls
+    ``_logger_connector.update_train_step_metrics`` after the batch's ``on_train_batch_end``, where the
+    checkpoints are saved; it logs ``metrics["log"]`` when ``should_update_logs``)."""
+    connector = getattr(trainer, "_logger_connector", None)
+    if connector is None or not hasattr(connector, "should_update_logs") or not hasattr(connector, "metrics"):
+        raise _missing("trainer._logger_connector.should_update_logs / .metrics", "lightning 2.6.6")
+    if not connector.should_update_logs:
+        return None
+    row = {k: float(v) for k, v in connector.metrics["log"].items()}
+    return row or None
+
+
 def batches_that_stepped(trainer: Any) -> int:
     """Batches of this fit that stepped the optimizer (the loggers' step; lightning 2.6.6:
     ``fit_loop.epoch_loop._batches_that_stepped``): a resumed CSV log is cut back to it."""

@@ -48,6 +48,14 @@ class _KeepingWriter(ExperimentWriter):
         with self._fs.open(self.metrics_file_path, "r", newline="") as f:
             return max(sum(1 for _ in csv.reader(f)) - 1, 0)
 
+    def has_row(self, step: int, metrics: dict) -> bool:
+        """Whether a data row of ``step`` holds a value for any key of ``metrics``."""
+        self.save()
+        if not self._fs.isfile(self.metrics_file_path):
+            return False
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            return any(_step(r) == step and any(r.get(k) for k in metrics) for r in csv.DictReader(f))
+
     def truncate(self, n: int, step: int) -> None:
         """Keep the first ``n`` data rows and later ones whose step is below ``step``: a resumed run
         drops what the interrupted one logged after its checkpoint for steps it trains again
@@ -77,8 +85,8 @@ class ResumableCSVLogger(CSVLogger):
 
     def __init__(self, *args: Any, flush_logs_every_n_steps: int = 1, **kwargs: Any) -> None:
         # Every row reaches the file when it is logged (CSVLogger's default keeps 100 steps in memory,
-        # so a kill -9 took every row since the last checkpoint's flush with it). A lost row under the
-        # CI's load is still open: docs/robustness.md.
+        # so a kill -9 took every row since the last checkpoint's flush with it). The row of the batch a
+        # checkpoint was saved in comes after it; it travels in the checkpoint (RestoreTrainLoaderState).
         super().__init__(*args, flush_logs_every_n_steps=flush_logs_every_n_steps, **kwargs)
 
     @property

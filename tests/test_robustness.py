@@ -296,6 +296,35 @@ class _Crash(RuntimeError):
     pass
 
 
+def test_crash_between_a_steps_checkpoint_and_its_log_row_keeps_the_row(tmp_path, shapes_root, deterministic,
+                                                                       monkeypatch):
+    """Lightning writes a batch's log row after that batch's checkpoint: a run killed in between resumes
+    past the batch, so the row must travel in the checkpoint (CI lost step 2's loss this way under load)."""
+    from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
+
+    from lightning_modules.checkpoints import load_checkpoint
+    from tests.conftest import compose_cfg
+
+    T.train(compose_cfg("train", RUN, tmp_path / "straight", shapes_root))
+    real = _LoggerConnector.update_train_step_metrics
+
+    def crash_at_step_2(self):
+        if self.trainer.fit_loop.epoch_loop._batches_that_stepped == 2:  # checkpoint of batch 2 on disk
+            raise _Crash("killed before step 2's row")
+        return real(self)
+
+    monkeypatch.setattr(_LoggerConnector, "update_train_step_metrics", crash_at_step_2)
+    with pytest.raises(_Crash):
+        T.train(compose_cfg("train", RUN, tmp_path / "crashed", shapes_root))
+    assert 2 not in _losses(tmp_path / "crashed" / "out")
+    assert load_checkpoint(tmp_path / "crashed" / "out" / "checkpoints" / "last.ckpt")["global_step"] == 3
+    torch.use_deterministic_algorithms(False)
+    monkeypatch.setattr(_LoggerConnector, "update_train_step_metrics", real)
+    T.train(compose_cfg("train", RUN + ["ckpt_path=last"], tmp_path / "crashed", shapes_root))
+    got, want = _losses(tmp_path / "crashed" / "out"), _losses(tmp_path / "straight" / "out")
+    assert got == want, (got, want)
+
+
 @pytest.mark.parametrize("stops", [(4,), (4, 6)], ids=["epoch_end", "epoch_end_then_inside"])
 def test_resume_at_an_epoch_end_keeps_the_random_state(tmp_path, shapes_root, deterministic, monkeypatch, stops):
     """A crash right after an epoch-end checkpoint (the first batch of the next epoch), resumed, crashed again
