@@ -232,6 +232,8 @@ def test_data_scale_section_measures_both_record_layouts(tmp_path, shapes_root):
     assert d["images"] <= 60 and "COCO-scale loader" in json.dumps(results["targets"])
     sp = d["variants"]["serialized"]["speed"]
     assert sp["loader_img_s"] == d["loader_coco_img_s"] > 0 and sp["min_size"] == 64 and d["step_coco_img_s"] > 0
+    h, w = sp["image_hw"]  # the step is timed at the size the loader's transforms produced
+    assert (min(h, w) == 64 and max(h, w) <= 96) or max(h, w) == 96
     assert d["loader_over_step_coco"] == pytest.approx(d["loader_coco_img_s"] / d["step_coco_img_s"], rel=0.01)
     ratio = next(t for t in results["targets"] if t["what"].startswith("COCO-scale loader / training step"))
     assert ratio["value"] == d["loader_over_step_coco"] and ratio["met"] == (ratio["value"] >= 1)

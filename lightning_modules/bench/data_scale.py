@@ -124,6 +124,20 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
+def _timed_batches(it: Any, warmup: int, batches: int, after_warmup: Any = None) -> tuple[float, Any]:
+    """Draw ``warmup`` batches, call ``after_warmup``, then time ``batches`` more: (seconds, first batch)."""
+    drawn = [next(it) for _ in range(min(warmup, 1))]
+    for _ in range(warmup - len(drawn)):
+        next(it)
+    if after_warmup is not None:
+        after_warmup()
+    start = time.perf_counter()
+    for _ in range(batches):
+        batch = next(it)
+        drawn = drawn or [batch]
+    return time.perf_counter() - start, drawn[0] if drawn else None
+
+
 def measure(root: str, variant: str, num_workers: int, batches: int, batch_size: int, warmup: int,
             speed: dict[str, int] | None = None) -> dict[str, Any]:
     """One variant, in this process (run it in a fresh one): parse + index, then the workers' memory;
@@ -153,13 +167,8 @@ def measure(root: str, variant: str, num_workers: int, batches: int, batch_size:
                         sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(0)))
     it = iter(loader)
     pids = [w.pid for w in it._workers]  # noqa: SLF001 - the worker processes whose memory is measured
-    for _ in range(warmup):
-        next(it)
-    before = [_memory(p) for p in pids]
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    loader_s = time.perf_counter() - start
+    before: list[tuple[float, float]] = []
+    loader_s, _ = _timed_batches(it, warmup, batches, lambda: before.extend(_memory(p) for p in pids))
     after = [_memory(p) for p in pids]
     del it
     out.update({
@@ -178,28 +187,28 @@ def measure(root: str, variant: str, num_workers: int, batches: int, batch_size:
                             collate_fn=coco_mod.collate_fn,
                             sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(1)))
         it = iter(loader)
-        for _ in range(int(speed["warmup_batches"])):
-            next(it)
-        start = time.perf_counter()
-        for _ in range(int(speed["batches"])):
-            next(it)
-        out["speed"] = {**{k: int(v) for k, v in speed.items()},
-                        "loader_img_s": round(int(speed["batches"]) * int(speed["batch_size"]) / (time.perf_counter() - start), 2)}
+        seconds, first = _timed_batches(it, int(speed["warmup_batches"]), int(speed["batches"]))
         del it
+        out["speed"] = {**{k: int(v) for k, v in speed.items()},
+                        "loader_img_s": round(int(speed["batches"]) * int(speed["batch_size"]) / seconds, 2),
+                        # the size the training transforms gave the first image: the step is timed at it
+                        "image_hw": list(first[0][0].shape[-2:])}
     return out
 
 
 def coco_step_img_s(b: Any, device: Any, steps: int, warmup: int, batch_size: int, size: tuple[int, int]) -> float:
     """Training images/s of ``bench.data_scale.step_detector`` (RetinaNet-R50-FPN, 80 classes) at COCO's
-    input size: SGD steps on random images with 5 random boxes each, the model as the necks section builds it."""
+    input size: the framework section's plain-loop step (``PlainStep``: the configured optimizer, clipping
+    and precision) on random images with 5 random boxes each, the model as the necks section builds it."""
     import torch
 
     from lightning_modules import checkpoints as CK
-    from lightning_modules.bench.common import model_config, sync
+    from lightning_modules.bench.common import PlainStep, model_config, training_config
 
     torch.manual_seed(b.seed)
-    net = CK.build_net(model_config(b, b.data_scale.step_detector, b.reference_neck)).train().to(device)
-    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    total = warmup + steps
+    fcfg = training_config(model_config(b, b.data_scale.step_detector, b.reference_neck), device, total, total)
+    step = PlainStep(fcfg, CK.build_net(fcfg), device, total, total)
     g = torch.Generator().manual_seed(b.seed)
     h, w = size
     images = [torch.rand(3, h, w, generator=g).to(device) for _ in range(batch_size)]
@@ -208,16 +217,10 @@ def coco_step_img_s(b: Any, device: Any, steps: int, warmup: int, batch_size: in
     targets = [{"boxes": torch.cat([xy[i], xy[i] + wh[i]], 1).to(device),
                 "labels": torch.randint(0, int(b.num_classes), (5,), generator=g).to(device)} for i in range(batch_size)]
     elapsed = 0.0
-    for k in range(warmup + steps):
-        sync(device)
-        start = time.perf_counter()
-        loss = sum(net(images, targets).values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sync(device)
+    for k in range(total):
+        step(images, targets)
         if k >= warmup:
-            elapsed += time.perf_counter() - start
+            elapsed += sum(step.last.values())  # forward, backward, optimizer: each ends synchronised
     return steps * batch_size / elapsed
 
 
@@ -253,11 +256,8 @@ def run_data_scale(b: Any, device: Any, progress: Any) -> dict[str, Any]:
     if "speed" in s:
         sp = d.speed
         progress.update(task, description=f"data_scale: {d.step_detector} training step at {sp.max_size} px")
-        # the size the loader's images come out at: shortest side min_size, longest at most max_size
-        h, w = (int(v) for v in d.image_size)
-        scale = min(sp.min_size / min(h, w), sp.max_size / max(h, w))
-        step = coco_step_img_s(b, device, int(sp.step_steps), int(sp.step_warmup), int(sp.batch_size),
-                               (round(h * scale), round(w * scale)))
+        h, w = s["speed"]["image_hw"]
+        step = coco_step_img_s(b, device, int(sp.step_steps), int(sp.step_warmup), int(sp.batch_size), (h, w))
         out.update({"loader_coco_img_s": s["speed"]["loader_img_s"], "step_coco_img_s": round(step, 3),
                     "loader_over_step_coco": round(s["speed"]["loader_img_s"] / step, 2)})
     return out
