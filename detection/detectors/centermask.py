@@ -183,11 +183,10 @@ def build(parts: Parts, mask_rois_per_image: int = 128, reg_bias_init: float = 0
     n = len(parts.return_layers)
     if any(s & (s - 1) for s in parts.strides[:n]):
         raise ValueError(f"CenterMask's level rule needs power-of-2 strides, got {parts.strides[:n]}")
+    head = widen_group_norm_groups(_MatchRecordingHead(parts.channels, 1, k, num_convs=4))
     model = CenterMask(
         parts.backbone, k, LevelRoIAlign(parts.body_levels, parts.strides[:n], 14, 2),
         SAGMaskHead(parts.channels, parts.mask_head_channels, k), mask_rois_per_image,
-        anchor_generator=fcos_anchors(parts), head=init_regression_bias(widen_group_norm_groups(_MatchRecordingHead(parts.channels, 1, k, num_convs=4)),
-                                  reg_bias_init),
-        **fcos_kwargs(parts),
+        anchor_generator=fcos_anchors(parts), head=init_regression_bias(head, reg_bias_init), **fcos_kwargs(parts),
     )
     return Detector(model, parts.name, k, label_offset=0, with_masks=True)

@@ -126,16 +126,17 @@ def _peak_rss_mb() -> float:
 
 def _timed_batches(it: Any, warmup: int, batches: int, after_warmup: Any = None) -> tuple[float, Any]:
     """Draw ``warmup`` batches, call ``after_warmup``, then time ``batches`` more: (seconds, first batch)."""
-    drawn = [next(it) for _ in range(min(warmup, 1))]
-    for _ in range(warmup - len(drawn)):
-        next(it)
+    first = None
+    for _ in range(warmup):
+        batch = next(it)
+        first = batch if first is None else first
     if after_warmup is not None:
         after_warmup()
     start = time.perf_counter()
     for _ in range(batches):
         batch = next(it)
-        drawn = drawn or [batch]
-    return time.perf_counter() - start, drawn[0] if drawn else None
+        first = batch if first is None else first
+    return time.perf_counter() - start, first
 
 
 def measure(root: str, variant: str, num_workers: int, batches: int, batch_size: int, warmup: int,
