@@ -767,6 +767,18 @@ def write_sweep_report(
     return result
 
 
+def sweep_baseline(sweep_dir: Path) -> str | list[str] | None:
+    """The baseline the sweep itself was run with (``hydra.callbacks.report.baseline`` in its
+    ``multirun.yaml``, set by a preset or on the command line); None without one."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        return None
+    value = OmegaConf.select(OmegaConf.load(path), BASELINE_KEY, default=None)
+    if value is None or isinstance(value, str):
+        return value
+    return [str(v) for v in OmegaConf.to_container(value)]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="pyramidlab-report",
@@ -777,12 +789,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-wandb", action="store_true", help="do not log the report to W&B")
     parser.add_argument("--baseline", action="append", default=None, metavar="'KEY=VALUE [KEY=VALUE ...]'",
                         help="the baseline rows (repeat for several, e.g. one per detector): the mean table adds "
-                             "each row's difference to its baseline with a 95%% CI")
+                             "each row's difference to its baseline with a 95%% CI (default: the sweep's own "
+                             f"{BASELINE_KEY}, from its multirun.yaml)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="no differences to a baseline, even where the sweep named one")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    baseline, key = args.baseline, "--baseline"
+    if args.no_baseline:
+        baseline = None
+    elif baseline is None and args.sweep_dir.is_dir():
+        baseline, key = sweep_baseline(args.sweep_dir), f"{BASELINE_KEY} (multirun.yaml)"
+        if baseline is not None:
+            log.info(f"report: baseline {baseline!r} from {args.sweep_dir / 'multirun.yaml'} "
+                     "(--baseline to choose another, --no-baseline for none)")
     try:
         result = write_sweep_report(args.sweep_dir, wandb=not args.no_wandb, title=args.title,
-                                    baseline=args.baseline, baseline_key="--baseline")
+                                    baseline=baseline, baseline_key=key)
     except FileNotFoundError as e:
         parser.exit(2, f"pyramidlab-report: {e}\n")
     print(result.files.md.read_text())

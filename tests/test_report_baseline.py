@@ -252,6 +252,32 @@ def test_the_sweep_callback_reads_its_baseline(tmp_path, monkeypatch):
     assert float(mean["smsl_fpn"]["delta bbox/AP ci95 [%]"]) == pytest.approx(ci, abs=1e-3)
 
 
+def test_the_report_command_defaults_to_the_sweeps_own_baseline(tmp_path, capsys):
+    """``pyramidlab-report DIR`` rewrites the report with the baseline the sweep ran with (its
+    multirun.yaml's hydra.callbacks.report.baseline); --baseline chooses another, --no-baseline none."""
+    fake_sweep(tmp_path, "neck", {"fpn": [30.0, 31.0], "smsl_fpn": [31.0, 33.0]}, seeds=(1, 2))
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n  sweeper:\n    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper\n"
+        "  callbacks:\n    report:\n      baseline: neck=fpn\n  overrides:\n    task: []\n")
+
+    def delta(row: str) -> str:
+        return {r["neck"]: r for r in read_csv(tmp_path / "report_mean.csv")}[row].get("delta bbox/AP [%]", "")
+
+    R.main([str(tmp_path), "--no-wandb"])
+    assert float(delta("smsl_fpn")) == pytest.approx(1.5) and delta("fpn") == ""  # diffs 1, 2 to fpn
+    out = capsys.readouterr().out  # the printed report.md: fpn 30.5 ± 0.7, smsl_fpn 32.0 ± 1.4
+    assert "30.5 ± 0.7 [baseline]" in out and "32.0 ± 1.4 [+1.5 ±" in out
+    R.main([str(tmp_path), "--no-wandb", "--baseline", "neck=smsl_fpn"])
+    assert float(delta("fpn")) == pytest.approx(-1.5) and delta("smsl_fpn") == ""
+    R.main([str(tmp_path), "--no-wandb", "--no-baseline"])
+    assert delta("smsl_fpn") == ""  # no delta columns at all
+    # a list of baselines (SMSL Table 2's preset) is read as a list
+    (tmp_path / "multirun.yaml").write_text("hydra:\n  callbacks:\n    report:\n      baseline: [neck=fpn]\n")
+    assert R.sweep_baseline(tmp_path) == ["neck=fpn"]
+    (tmp_path / "multirun.yaml").write_text("hydra:\n  callbacks:\n    report:\n      baseline: null\n")
+    assert R.sweep_baseline(tmp_path) is None
+
+
 def pipeline_job(sweep: Path, num: int, seed: int, ap: dict[str, float | None]) -> None:
     """A pyramidlab-srfgan job: its folder holds the pipeline's per-variant report (written by the same
     writer with the pipeline's columns) and metrics.json with the headline (last) variant."""
