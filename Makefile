@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 train: install
 	$(BIN)/pyramidlab-train experiment=shapes_fcos $(ARGS)
 
-# SMSL Table 1 (LF; LF+CR; LF+GF; LF+GF+CR) x 3 seeds on the embedded data, CPU, ~95 min.
+# SMSL Table 1 (LF; LF+CR; LF+GF; LF+GF+CR) x 3 seeds on the embedded data, CPU, ~70 min (70 min 26 s, 2026-12-01).
 # The embedded substitute for the paper's RetinaNet: make train's FCOS and recipe (pretrained
 # start point, frozen stem; recipe=shapes_finetune). RetinaNet's IoU-matched anchors learn ~10x
 # slower here: its rows sat at AP 3.4-5.1 with seed swings of 2 AP (README), inside the noise.
@@ -37,7 +37,7 @@ smsl: install
 	$(BIN)/pyramidlab-train experiment=smsl/table1 detector=fcos recipe=shapes_finetune seed=$(SMSL_SEEDS) $(ARGS)
 
 # SMSL Table 2's RetinaNet rows (FPN, PAFPN, SMSL-FPN, SMSL-PAFPN) x 3 seeds on the embedded data, CPU,
-# ~95 min: the same substitute (make train's FCOS and recipe) as make smsl; each row's difference to FPN.
+# ~72 min: the same substitute (make train's FCOS and recipe) as make smsl; each row's difference to FPN.
 smsl-table2: install
 	$(BIN)/pyramidlab-train experiment=smsl/table2 \
 	  '+smsl_table2=retinanet_fpn,retinanet_pafpn,retinanet_smsl_fpn,retinanet_smsl_pafpn' \
