@@ -251,6 +251,7 @@ def test_optuna_search_optimizes_the_returned_ap(tmp_path, shapes_root, monkeypa
     assert 100 * best.best_value == pytest.approx(max(aps), abs=1e-3)  # the value main() returned
     assert 1e-4 <= best.best_params["optim.optimizer.lr"] <= 1e-1
     assert "Optuna best value" in (sweep / "report.md").read_text()
+    assert {json.loads(p.read_text())["eval_split"] for p in sweep.glob("*/metrics.json")} == {"val"}
 
 
 def test_run_guarded_returns_none_in_a_multirun(tmp_path, monkeypatch):
@@ -481,7 +482,9 @@ def test_local_parallel_and_optuna_configs_instantiate(tmp_path):
     launcher = instantiate(cfg.hydra.launcher)
     assert isinstance(launcher, JoblibLauncher) and launcher.joblib["n_jobs"] == 2
 
+    assert _compose_with_hydra(tmp_path, ["optim=adamw"]).data.test_split == "test"  # the embedded data's
     cfg = _compose_with_hydra(tmp_path, ["hparams_search=optuna_lr_wd", "optim=adamw"])
+    assert cfg.data.test_split is None  # a search scores its trials on val, never on the test split
     assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.direction == "maximize"
     assert cfg.hydra.sweeper.storage is None  # in memory: the sqlite storage breaks with SQLAlchemy 2
     assert set(cfg.hydra.sweeper.params) == {"optim.optimizer.lr", "optim.optimizer.weight_decay"}
